@@ -1,0 +1,72 @@
+"""Process-group setup: torch.distributed, megatron-core parallel_state and RNG seeding."""
+
+from __future__ import annotations
+
+import os
+import random
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_rlp import platform
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment (single process without it).
+
+    Returns (rank, world_size).
+    """
+    platform.setup_platform()
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        if platform.cuda_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=platform.dist_backend(),
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=int(os.environ.get("MEGATRON_RLP_DIST_TIMEOUT_MIN", "30"))),
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_model_parallel(tp: int, pp: int) -> None:
+    """(Re)create megatron-core's tensor/pipeline/data parallel groups."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy, torch and megatron's tensor-parallel RNG tracker.
+
+    Parameters are initialised identically on every data-parallel rank; the tensor-parallel
+    tracker gives each TP rank its own stream for dropout inside TP regions.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
