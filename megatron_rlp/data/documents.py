@@ -1,0 +1,174 @@
+"""A resumable stream of documents over a Megatron ``.bin/.idx`` dataset.
+
+Two views of one corpus:
+
+* :meth:`DocumentStream.next_samples` packs documents end to end into fixed-length samples of
+  ``seq_length + 1`` tokens (next-token pretraining, Megatron's GPT sample layout);
+* :meth:`DocumentStream.next_documents` returns whole documents (RLP samples positions inside
+  documents).
+
+The order is a seeded permutation of the documents, re-drawn each epoch.  The stream's
+position is a small :class:`Cursor` that goes into every checkpoint, so a resumed run reads
+exactly the tokens an uninterrupted run would have read.  Packing walks only the document
+lengths stored in the ``.idx`` file; a rank reads the tokens of its own samples only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+
+@dataclass
+class Cursor:
+    """Where the stream stands: epoch, index into the epoch's document order, token offset."""
+
+    epoch: int = 0
+    order_index: int = 0
+    token_offset: int = 0
+    samples_consumed: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Cursor":
+        return cls(**{k: int(v) for k, v in state.items()})
+
+
+class DataError(ValueError):
+    """Bad training data: the message names the file, the document and the fix."""
+
+
+def open_indexed_dataset(path_prefix: str) -> IndexedDataset:
+    if not IndexedDataset.exists(path_prefix):
+        raise FileNotFoundError(
+            f"--data-path {path_prefix!r}: no {path_prefix}.bin / {path_prefix}.idx found; "
+            f"create them with tools/preprocess_data.py --output-prefix {path_prefix}"
+        )
+    return IndexedDataset(path_prefix, mmap=True)
+
+
+class DocumentStream:
+    def __init__(
+        self,
+        dataset: IndexedDataset,
+        vocab_size: int,
+        seed: int,
+        shuffle: bool = True,
+        eod_id: Optional[int] = None,
+        name: str = "dataset",
+    ):
+        self.dataset = dataset
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.eod_id = eod_id
+        self.name = name
+        self.lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
+        if len(self.lengths) == 0:
+            raise DataError(f"{name}: the dataset holds no documents; check --data-path")
+        empty = np.flatnonzero(self.lengths == 0)
+        if len(empty):
+            raise DataError(
+                f"{name}: document {int(empty[0])} is empty ({len(empty)} empty in all); "
+                "re-run tools/preprocess_data.py, which rejects or drops empty documents"
+            )
+        self.cursor = Cursor()
+        self._order_epoch = -1
+        self._order = np.arange(len(self.lengths))
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.lengths)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch])
+                self._order = rng.permutation(len(self.lengths))
+            else:
+                self._order = np.arange(len(self.lengths))
+            self._order_epoch = epoch
+        return self._order
+
+    def _read(self, doc: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
+        tokens = np.asarray(self.dataset.get(int(doc), offset=offset, length=length), dtype=np.int64)
+        if len(tokens) and (tokens.max() >= self.vocab_size or tokens.min() < 0):
+            bad = int(tokens.max() if tokens.max() >= self.vocab_size else tokens.min())
+            raise DataError(
+                f"{self.name}: document {int(doc)} holds token id {bad}, outside the model "
+                f"vocabulary [0, {self.vocab_size}); the data was tokenized with another "
+                "tokenizer — re-run tools/preprocess_data.py with this run's --tokenizer-* flags "
+                "or set --vocab-size"
+            )
+        return tokens
+
+    # -- packed samples ---------------------------------------------------------------------
+    def _walk(self, cursor: Cursor, num_tokens: int) -> tuple[list[tuple[int, int, int]], Cursor]:
+        """Spans (doc, offset, length) covering the next num_tokens tokens, and the cursor after."""
+        spans = []
+        c = dataclasses.replace(cursor)
+        need = num_tokens
+        while need > 0:
+            order = self._epoch_order(c.epoch)
+            doc = int(order[c.order_index])
+            available = int(self.lengths[doc]) - c.token_offset
+            take = min(available, need)
+            spans.append((doc, c.token_offset, take))
+            need -= take
+            c.token_offset += take
+            if c.token_offset == self.lengths[doc]:
+                c.token_offset = 0
+                c.order_index += 1
+                if c.order_index == len(order):
+                    c.order_index = 0
+                    c.epoch += 1
+        return spans, c
+
+    def next_samples(self, count: int, seq_length: int, keep: Optional[range] = None) -> np.ndarray:
+        """The next ``count`` packed samples of ``seq_length + 1`` tokens.
+
+        Only samples whose index is in ``keep`` are read (others are skipped by length arithmetic);
+        the returned array has ``len(keep)`` rows.  As in Megatron's GPT dataset, consecutive
+        samples share one boundary token: the last label of sample i is the first input of i+1.
+        """
+        keep = range(count) if keep is None else keep
+        rows = []
+        for i in range(count):
+            spans, after = self._walk(self.cursor, seq_length + 1)
+            if i in keep:
+                rows.append(np.concatenate([self._read(d, o, n) for d, o, n in spans]))
+            # A sample consumes seq_length tokens; its last token is the next sample's first input.
+            _, self.cursor = self._walk(self.cursor, seq_length)
+            self.cursor.samples_consumed += 1
+        return np.stack(rows) if rows else np.zeros((0, seq_length + 1), dtype=np.int64)
+
+    # -- whole documents --------------------------------------------------------------------
+    def next_documents(self, count: int, max_length: Optional[int] = None) -> list[np.ndarray]:
+        """The next ``count`` whole documents (truncated to max_length tokens)."""
+        docs = []
+        for _ in range(count):
+            if self.cursor.token_offset:
+                # Mid-document after packed reads: skip to the next document boundary.
+                _, self.cursor = self._walk(
+                    self.cursor,
+                    int(self.lengths[self._epoch_order(self.cursor.epoch)[self.cursor.order_index]])
+                    - self.cursor.token_offset,
+                )
+            doc = int(self._epoch_order(self.cursor.epoch)[self.cursor.order_index])
+            docs.append(self._read(doc, 0, min(int(self.lengths[doc]), max_length or 1 << 62)))
+            _, self.cursor = self._walk(self.cursor, int(self.lengths[doc]))
+            self.cursor.samples_consumed += 1
+        return docs
+
+    def state_dict(self) -> dict:
+        return self.cursor.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = Cursor.from_state_dict(state)

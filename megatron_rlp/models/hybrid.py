@@ -1,0 +1,422 @@
+"""Nemotron-H hybrid model: megatron-core's ``MambaModel`` with a layer spec that also runs on CPU.
+
+megatron-core 0.16.1 can build ``MambaModel`` only with Transformer Engine and ``mamba_ssm``: its
+Mamba specs use TE layers, ``MambaStack`` hard-codes ``TENorm`` as the final norm, and
+``MambaMixer`` refuses to start without ``mamba_ssm`` (the chunked SSD scan and the gated RMSNorm
+come from there; the conv1d and single-token decode already have torch fallbacks in the mixer).
+What this module changes, and nothing more:
+
+* :func:`install_torch_mamba_ops` — only when ``mamba_ssm`` did not import — fills the names the
+  mixer module imports from it (``mamba_chunk_scan_combined``, the gated ``RMSNorm``) with the
+  pure-torch versions in :mod:`megatron_rlp.models.mamba_torch`, and marks ``HAVE_MAMBA_SSM``.
+  Those names are otherwise missing (or a ``MagicMock``) in ``megatron.core.ssm.mamba_mixer``, so
+  nothing working is replaced.  The torch path has no ``mamba_split_conv1d_scan_combined``, so
+  :func:`build_hybrid_model` sets ``use_mamba_mem_eff_path=False`` when the torch ops are in use
+  (the mixer then runs conv1d, scan and gated norm as separate steps; same math).
+* :class:`HybridMambaStack` — ``MambaStack`` whose final norm is a spec'd class instead of the
+  hard-coded ``TENorm``.
+* :class:`HybridMambaMixer` — ``MambaMixer`` whose static-batching SSM states belong to the
+  inference context, not to the module: it reuses the context's conv/SSM states whenever their batch
+  size matches, so a context whose rows were forked (:func:`fork_inference_state`), or several
+  contexts used in turn, keep their states.  (Stock ``MambaMixer`` remembers one
+  ``cached_batch_size`` per module and silently re-allocates zero states when it differs.)
+* :func:`hybrid_stack_spec` — the TE-free spec: megatron's local ``ColumnParallelLinear`` /
+  ``RowParallelLinear``, ``DotProductAttention``, ``torch.nn.RMSNorm`` for every pre-norm and the
+  final norm, ``MLP`` with the config's activation (squared ReLU for Nemotron-H).  With CUDA and TE
+  it returns megatron's TE spec with the mixer swapped for :class:`HybridMambaMixer`.  The local
+  spec maps its separate norms onto the TE spec's fused ``layer_norm_weight`` names in sharded
+  (distributed) checkpoints, so checkpoints move between the two.
+
+Inference state (``StaticInferenceContext.key_value_memory_dict``, keyed by global layer number):
+
+* Mamba layer ``n``: ``(conv_state, ssm_state)``; ``conv_state`` [batch, conv_dim, d_conv] holds the
+  last ``d_conv`` pre-convolution inputs (x, B, C channels of this TP rank), ``ssm_state``
+  [batch, heads_local, head_dim, d_state].  Batch is dim 0; the tensors are sized to the batch of
+  the prefill.
+* Attention layer ``n``: ``(key, value)`` buffers [max_sequence_length, max_batch_size,
+  kv_groups_local, kv_channels]; batch is dim 1, rows ``batch_size_offset : +batch``.
+* Decoding is one token per call (``sequence_len_offset > 0`` means decode to the mixer); keep
+  ``batch_size_offset = 0`` (the Mamba states ignore it).  :func:`inference_state_layout` names the
+  kind of every key, :func:`fork_inference_state` re-indexes all of them at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.models.mamba.mamba_model import MambaModel
+from megatron.core.ssm import mamba_mixer as _mixer_module
+from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+from megatron.core.ssm.mamba_hybrid_layer_allocation import Symbols
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import Attention, SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
+
+from megatron_rlp.models import mamba_torch
+from megatron_rlp.models.presets import ModelPreset
+
+__all__ = [
+    "ConfigRMSNorm",
+    "ShardedGatedRMSNorm",
+    "HybridMambaMixer",
+    "HybridMambaStack",
+    "install_torch_mamba_ops",
+    "hybrid_transformer_config",
+    "hybrid_stack_spec",
+    "build_hybrid_model",
+    "inference_state_layout",
+    "fork_inference_state",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class ConfigRMSNorm:
+    """``torch.nn.RMSNorm`` from the config, with the config's epsilon unless one is passed.
+
+    (``MambaLayer`` builds its norm without an ``eps``; ``WrappedTorchNorm`` would then use 1e-5.)
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: Optional[float] = None, **_):
+        return WrappedTorchNorm(
+            config, hidden_size, eps=config.layernorm_epsilon if eps is None else eps
+        )
+
+
+class ShardedGatedRMSNorm(mamba_torch.GatedRMSNorm):
+    """The mixer's gated norm with megatron's distributed-checkpoint sharding (weight split over TP
+    along dim 0, like megatron's ``ExtendedRMSNorm``)."""
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_group = getattr(self, "tp_group", None)
+        if tp_group is None:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True),
+            prefix,
+            {"weight": 0},
+            sharded_offsets,
+            tp_group=tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
+
+
+class HybridMambaMixer(MambaMixer):
+    """``MambaMixer`` whose static-batching states are owned by the inference context.
+
+    Before the stock lookup, the module's ``cached_batch_size`` is synchronised with the states the
+    context already holds for this layer, so states of the right batch size are always reused (and
+    zeroed only at ``sequence_len_offset == 0``, as before).
+    """
+
+    def _get_states_from_cache(self, inference_context, batch_size, *, inference_params=None):
+        context = inference_context if inference_context is not None else inference_params
+        states = None
+        if context is not None and context.is_static_batching():
+            states = context.key_value_memory_dict.get(self.layer_number)
+        if states is not None and states[0].shape[0] == batch_size:
+            self.cached_batch_size = batch_size
+        return super()._get_states_from_cache(
+            inference_context, batch_size, inference_params=inference_params
+        )
+
+
+class HybridMambaStack(MambaStack):
+    """``MambaStack`` with the final norm built from ``final_norm`` (a module spec or class called
+    as ``final_norm(config=, hidden_size=, eps=)``) instead of the hard-coded ``TENorm``."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: MambaStackSubmodules,
+        *args,
+        final_norm: Union[ModuleSpec, type] = ConfigRMSNorm,
+        post_layer_norm: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if self.post_process and self.post_layer_norm:
+            self.final_norm = build_module(
+                final_norm,
+                config=self.config,
+                hidden_size=self.config.hidden_size,
+                eps=self.config.layernorm_epsilon,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Torch fallbacks for mamba_ssm
+# --------------------------------------------------------------------------------------------
+
+
+def install_torch_mamba_ops() -> bool:
+    """Give ``megatron.core.ssm.mamba_mixer`` the pure-torch scan and gated norm when ``mamba_ssm``
+    is not importable (idempotent).  Returns True when the torch ops are what the mixer uses."""
+    if getattr(_mixer_module, "_MEGATRON_RLP_TORCH_OPS", False):
+        return True
+    if _mixer_module.HAVE_MAMBA_SSM:
+        return False
+    _mixer_module.mamba_chunk_scan_combined = mamba_torch.mamba_chunk_scan_combined
+    _mixer_module.RMSNormGated = mamba_torch.GatedRMSNorm
+    _mixer_module.ExtendedRMSNorm = ShardedGatedRMSNorm
+    _mixer_module.HAVE_MAMBA_SSM = True
+    _mixer_module._MEGATRON_RLP_TORCH_OPS = True
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Config, spec, model
+# --------------------------------------------------------------------------------------------
+
+
+def _validate_pattern(preset: ModelPreset, config: TransformerConfig) -> str:
+    if preset.family != "hybrid":
+        raise ValueError(f"preset {preset.name!r} is family {preset.family!r}, not 'hybrid'")
+    pattern = preset.hybrid_pattern
+    if not pattern:
+        raise ValueError(f"hybrid preset {preset.name!r} has no hybrid_pattern")
+    supported = {Symbols.MAMBA, Symbols.ATTENTION, Symbols.MLP}
+    bad = sorted(set(pattern) - supported)
+    if bad:
+        raise ValueError(
+            f"hybrid_pattern of {preset.name!r} has layer symbols {bad}; supported: "
+            f"{sorted(supported)} (M = Mamba, * = attention, - = MLP)"
+        )
+    if len(pattern) != config.num_layers:
+        raise ValueError(
+            f"hybrid_pattern of {preset.name!r} has {len(pattern)} layers, config has "
+            f"{config.num_layers}"
+        )
+    pp = config.pipeline_model_parallel_size
+    uneven = (
+        config.num_layers_in_first_pipeline_stage is not None
+        or config.num_layers_in_last_pipeline_stage is not None
+    )
+    if pp > 1 and not uneven and config.num_layers % pp:
+        # MambaStack would silently drop the remainder layers.
+        raise ValueError(
+            f"--pipeline-model-parallel-size {pp} does not divide the {config.num_layers} layers "
+            f"of {preset.name!r}; set num_layers_in_first/last_pipeline_stage"
+        )
+    return pattern
+
+
+def hybrid_transformer_config(
+    preset: ModelPreset, config: TransformerConfig, torch_ops: bool
+) -> TransformerConfig:
+    """A copy of ``config`` with the Mamba fields of the preset (``is_hybrid_model``, heads, head
+    dim, state, groups) and, with the torch ops, ``use_mamba_mem_eff_path=False``."""
+    changes = dict(
+        is_hybrid_model=True,
+        mamba_num_heads=preset.mamba_num_heads,
+        mamba_head_dim=preset.mamba_head_dim,
+        mamba_state_dim=preset.mamba_state_dim,
+        mamba_num_groups=preset.mamba_num_groups,
+    )
+    if torch_ops:
+        changes["use_mamba_mem_eff_path"] = False
+    if not config.is_hybrid_model:
+        # Recomputed in __post_init__ with the hybrid multiplier (one residual branch per layer).
+        changes["output_layer_init_method"] = None
+    return dataclasses.replace(config, **changes)
+
+
+def _te_available() -> bool:
+    from megatron_rlp.models.builder import transformer_engine_available
+
+    return transformer_engine_available()
+
+
+def hybrid_stack_spec(preset: ModelPreset, use_te: Optional[bool] = None) -> ModuleSpec:
+    """The ``mamba_stack_spec`` for ``MambaModel``: TE layers when ``use_te`` (default: CUDA and TE
+    import), megatron-core's local layers and ``torch.nn.RMSNorm`` otherwise."""
+    if use_te is None:
+        use_te = _te_available()
+    if use_te:
+        from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
+
+        spec = copy.deepcopy(mamba_stack_spec)
+        spec.submodules.mamba_layer.submodules.mixer.module = HybridMambaMixer
+        return spec
+
+    norm = ConfigRMSNorm
+    mamba_layer = ModuleSpec(
+        module=MambaLayer,
+        submodules=MambaLayerSubmodules(
+            norm=norm,
+            mixer=ModuleSpec(
+                module=HybridMambaMixer,
+                submodules=MambaMixerSubmodules(
+                    in_proj=ColumnParallelLinear, out_proj=RowParallelLinear
+                ),
+            ),
+            mamba_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
+        ),
+    )
+    attention_layer = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=DotProductAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=norm if preset.qk_layernorm else IdentityOp,
+                    k_layernorm=norm if preset.qk_layernorm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_"
+            },
+        ),
+    )
+    mlp_layer = ModuleSpec(
+        module=MLPLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+        ),
+    )
+    return ModuleSpec(
+        module=HybridMambaStack,
+        submodules=MambaStackSubmodules(
+            mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer
+        ),
+        params={"final_norm": norm},
+    )
+
+
+def build_hybrid_model(
+    preset: ModelPreset,
+    config: TransformerConfig,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    use_te: Optional[bool] = None,
+) -> MambaModel:
+    """megatron-core ``MambaModel`` for this pipeline stage (parallel_state must be initialised):
+    ``preset.hybrid_pattern`` layers, no position embedding, untied (or tied, as the preset says)
+    embeddings, vocab-parallel logits (``parallel_output=True``)."""
+    pattern = _validate_pattern(preset, config)
+    torch_ops = install_torch_mamba_ops()
+    config = hybrid_transformer_config(preset, config, torch_ops)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    return MambaModel(
+        config=config,
+        mamba_stack_spec=hybrid_stack_spec(preset, use_te=use_te),
+        vocab_size=preset.vocab_size,
+        max_sequence_length=preset.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        hybrid_override_pattern=pattern,
+        parallel_output=True,
+        share_embeddings_and_output_weights=preset.tie_embeddings,
+        position_embedding_type="none",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Inference state
+# --------------------------------------------------------------------------------------------
+
+
+def inference_state_layout(model: torch.nn.Module) -> dict[int, str]:
+    """``{layer_number: "mamba" | "attention"}`` for the keys this model (stage) writes into a
+    ``StaticInferenceContext.key_value_memory_dict``."""
+    layout: dict[int, str] = {}
+    for module in model.modules():
+        if isinstance(module, MambaMixer):
+            layout[module.layer_number] = "mamba"
+        elif isinstance(module, Attention):
+            layout[module.layer_number] = "attention"
+    return layout
+
+
+def fork_inference_state(
+    model: torch.nn.Module,
+    context: StaticInferenceContext,
+    rows: Union[torch.Tensor, Sequence[int]],
+) -> None:
+    """Re-index the batch of a static inference context in place: new row ``i`` continues from old
+    row ``rows[i]`` (rows may repeat, so one prefilled row can fan out into K branches).
+
+    Mamba conv/SSM states become new tensors with ``len(rows)`` rows.  Attention KV buffers keep
+    their [max_sequence_length, max_batch_size, ...] shape with rows ``0 : len(rows)`` rewritten
+    (they grow, and ``context.max_batch_size`` with them, when ``len(rows)`` exceeds it).
+    ``sequence_len_offset`` is unchanged; the next call decodes ``len(rows)`` sequences.
+    """
+    if context.batch_size_offset != 0:
+        raise ValueError("fork_inference_state needs context.batch_size_offset == 0")
+    if not context.key_value_memory_dict:
+        raise ValueError("fork_inference_state needs a prefilled context")
+    layout = inference_state_layout(model)
+    index = torch.as_tensor(rows, dtype=torch.long)
+    if index.dim() != 1 or index.numel() == 0:
+        raise ValueError("rows must be a non-empty 1-D sequence of row indices")
+    new_batch = index.numel()
+    for layer_number, state in list(context.key_value_memory_dict.items()):
+        kind = layout.get(layer_number)
+        if kind == "mamba":
+            conv_state, ssm_state = state
+            idx = index.to(conv_state.device)
+            context.key_value_memory_dict[layer_number] = (conv_state[idx], ssm_state[idx])
+        elif kind == "attention":
+            key, value = state
+            idx = index.to(key.device)
+            picked_k, picked_v = key[:, idx], value[:, idx]  # copies (advanced indexing)
+            if new_batch > key.shape[1]:
+                key = key.new_empty(key.shape[0], new_batch, *key.shape[2:])
+                value = value.new_empty(value.shape[0], new_batch, *value.shape[2:])
+            key[:, :new_batch] = picked_k
+            value[:, :new_batch] = picked_v
+            context.key_value_memory_dict[layer_number] = (key, value)
+        else:
+            raise ValueError(
+                f"inference state of layer {layer_number} belongs to no Mamba or attention layer "
+                "of this model"
+            )
+    context.max_batch_size = max(context.max_batch_size, new_batch)
+    for module in model.modules():
+        if isinstance(module, MambaMixer):
+            # Stock MambaMixer keys its state reuse on this; HybridMambaMixer re-derives it anyway.
+            module.cached_batch_size = new_batch

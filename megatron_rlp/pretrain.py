@@ -1,0 +1,101 @@
+"""Entry point: ``python -m megatron_rlp.pretrain [Megatron-LM flags] [--rlp --rlp-* flags]``.
+
+Launch several ranks with torchrun, e.g.
+``torchrun --nproc_per_node 8 -m megatron_rlp.pretrain --tensor-model-parallel-size 2 ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from megatron_rlp import config as cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron_rlp.pretrain",
+        description="Pretraining (next-token) and RLP on Megatron-Core.",
+        allow_abbrev=False,
+    )
+    for title, cls in cfg.CONFIG_GROUPS.items():
+        cfg.add_dataclass_args(parser, cls, title)
+    _add_objective_args(parser)
+    return parser
+
+
+def _add_objective_args(parser: argparse.ArgumentParser) -> None:
+    try:
+        from megatron_rlp.rlp.config import RLPConfig
+    except ImportError:
+        return
+    parser.add_argument("--rlp", action="store_true", help="Train with the RLP objective instead of next-token prediction.")
+    cfg.add_dataclass_args(parser, RLPConfig, "rlp")
+
+
+def parse_run_config(argv: Optional[Sequence[str]] = None):
+    from megatron_rlp.training.loop import RunConfig
+
+    ns = build_parser().parse_args(argv)
+    run = RunConfig(**{name: cfg.from_namespace(cls, ns) for name, cls in cfg.CONFIG_GROUPS.items()})
+    if getattr(ns, "rlp", False):
+        from megatron_rlp.rlp.config import RLPConfig
+
+        run.extra["rlp"] = cfg.from_namespace(RLPConfig, ns)
+    return run
+
+
+def build_objective(run, state, tokenizer, stream):
+    if "rlp" in run.extra:
+        from megatron_rlp.rlp.step import RLPObjective
+
+        return RLPObjective(run.extra["rlp"], state, tokenizer, stream)
+    from megatron_rlp.training.ntp import NextTokenObjective
+
+    return NextTokenObjective(stream, run.training.seq_length, run.training.micro_batch_size)
+
+
+def run_training(run) -> list[dict]:
+    """Everything after argument parsing; tests call this directly."""
+    from megatron_rlp import platform
+    from megatron_rlp.data.documents import DocumentStream, open_indexed_dataset
+    from megatron_rlp.data.tokenizer import build_tokenizer
+    from megatron_rlp.training import loop
+
+    platform.setup_platform()
+    if not run.data.data_path:
+        raise ValueError("--data-path is required (prefix of a .bin/.idx dataset from tools/preprocess_data.py)")
+    tokenizer = build_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model, run.model.vocab_size)
+    preset = loop.resolve_preset(run.model, tokenizer.vocab_size)
+    dataset = open_indexed_dataset(run.data.data_path)
+    state = loop.setup(run, preset)
+    stream = DocumentStream(
+        dataset, preset.vocab_size, seed=run.training.seed, shuffle=run.data.shuffle_documents,
+        eod_id=tokenizer.eod, name=run.data.data_path,
+    )
+    objective = build_objective(run, state, tokenizer, stream)
+    return loop.train(state, objective)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    run = parse_run_config(argv)
+    from megatron_rlp.data.documents import DataError
+    from megatron_rlp.training.checkpoint import CheckpointError
+    from megatron_rlp.training.loop import TrainingError
+
+    try:
+        run_training(run)
+    except (ValueError, FileNotFoundError, DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

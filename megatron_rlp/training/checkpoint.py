@@ -1,0 +1,229 @@
+"""Checkpoints through megatron-core dist_checkpointing (torch_dist), in Megatron-LM's layout.
+
+    {save}/latest_checkpointed_iteration.txt
+    {save}/iter_0000100/            model, optimizer, objective tensors (e.g. the EMA teacher),
+                                    plus common state: iteration, scheduler, data cursor, RNG,
+                                    the model's architecture
+
+A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed only when every rank has
+finished, then the tracker file is replaced atomically: a crash or preemption mid-save leaves
+the last good checkpoint untouched.  Model and optimizer tensors are saved with their global
+shapes, so a checkpoint written at one TP/PP layout loads at another; RNG states are per rank
+and are restored only when the layout matches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+TRACKER = "latest_checkpointed_iteration.txt"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> Optional[int]:
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def _layout() -> dict:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_sharded_object() -> ShardedObject:
+    state = {
+        "random": __import__("random").getstate(),
+        "numpy": __import__("numpy").random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    dp = parallel_state.get_data_parallel_rank()
+    layout = _layout()
+    return ShardedObject(
+        "rng_state", state, (layout["pp"], layout["tp"], layout["dp"]), (pp, tp, dp), replica_id=0
+    )
+
+
+def _restore_rng(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def unwrap_model(chunk):
+    """The bare megatron model inside DDP / Float16Module wrappers (checkpoint keys come from it)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _model_sharded_state_dict(model_chunks) -> dict:
+    if len(model_chunks) == 1:
+        return {"model": unwrap_model(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    model_chunks,
+    optimizer,
+    scheduler,
+    objective,
+    model_signature: dict,
+) -> str:
+    """Save everything needed to resume exactly; returns the checkpoint directory."""
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+
+    model_sd = _model_sharded_state_dict(model_chunks)
+    state = dict(model_sd)
+    state["optimizer"] = optimizer.sharded_state_dict(
+        model_sd["model"] if "model" in model_sd else model_sd, metadata=OPTIMIZER_METADATA
+    )
+    state["objective_tensors"] = objective.sharded_state_dict(model_sd)
+    state["rng_state"] = _rng_sharded_object()
+    state["iteration"] = iteration
+    state["scheduler"] = scheduler.state_dict()
+    state["objective"] = objective.state_dict()
+    state["model_signature"] = model_signature
+    state["parallel_layout"] = _layout()
+    dist_checkpointing.save(state, tmp)
+    dist.barrier()
+    if rank == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+    return final
+
+
+def _check_signature(saved: dict, current: dict, where: str) -> None:
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs flags {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"{where} was saved for a different model than the flags describe ("
+            + "; ".join(diffs)
+            + "); pass the same model flags (--model-preset and overrides) as the run that saved it"
+        )
+
+
+def load_checkpoint(
+    root: str,
+    model_chunks,
+    optimizer,
+    scheduler,
+    objective,
+    model_signature: dict,
+    load_optimizer: bool = True,
+    load_rng: bool = True,
+) -> int:
+    """Load the latest checkpoint under ``root``; returns its iteration."""
+    if not os.path.isdir(root):
+        raise CheckpointError(f"--load {root!r} is not a directory; point it at a --save directory")
+    iteration = read_tracker(root)
+    if iteration is None:
+        raise CheckpointError(
+            f"--load {root!r} holds no checkpoint ({TRACKER} is missing); point --load at a "
+            "directory written by --save, or drop --load to start from scratch"
+        )
+    ckpt = iteration_dir(root, iteration)
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {ckpt} is missing")
+
+    common = dist_checkpointing.load_common_state_dict(ckpt)
+    _check_signature(common["model_signature"], model_signature, ckpt)
+    same_layout = common["parallel_layout"] == _layout()
+
+    model_sd = _model_sharded_state_dict(model_chunks)
+    request = dict(model_sd)
+    if load_optimizer and optimizer is not None:
+        _prime_optimizer_state(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(
+            model_sd["model"] if "model" in model_sd else model_sd,
+            is_loading=True,
+            metadata=OPTIMIZER_METADATA,
+        )
+    request["objective_tensors"] = objective.sharded_state_dict(model_sd)
+    if load_rng and same_layout:
+        request["rng_state"] = _rng_sharded_object()
+    loaded = dist_checkpointing.load(request, ckpt)
+
+    for key in model_sd:
+        unwrap_model(model_chunks[int(key[5:] or 0)]).load_state_dict(loaded[key], strict=True)
+    if "optimizer" in request:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(common["scheduler"])
+    objective.load_sharded_state_dict(loaded.get("objective_tensors", {}))
+    objective.load_state_dict(common["objective"])
+    if "rng_state" in request:
+        _restore_rng(loaded["rng_state"])
+    elif load_rng and dist.get_rank() == 0:
+        print(
+            f"note: {ckpt} was saved at layout {common['parallel_layout']}, this run is {_layout()}; "
+            "per-rank RNG states are not restored",
+            flush=True,
+        )
+    return int(common["iteration"])
+
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Create Adam's state tensors before loading into them.
+
+    megatron-core's torch-AdamW path (no TE/apex) builds state lazily; loading a distributed
+    optimizer checkpoint into an empty state fails with KeyError: 'step'.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "init_state_fn", None)
+        inner = getattr(opt, "optimizer", None)
+        if init is not None and inner is not None:
+            init(inner, getattr(opt, "config", None))

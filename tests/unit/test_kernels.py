@@ -1,0 +1,367 @@
+"""Fused linear log-prob: Triton kernel (CPU interpreter) and torch reference vs plain autograd.
+
+Shapes are tiny on purpose: the Triton interpreter runs every program instance in numpy.
+"""
+import pytest
+import torch
+
+from megatron_rlp.kernels import (
+    IMPL_ENV,
+    information_gain,
+    linear_logprob,
+    reference_information_gain,
+    reference_linear_logprob,
+    resolve_impl,
+)
+from megatron_rlp.kernels import vocab_parallel as vp
+from megatron_rlp.kernels.reference import reference_shard_stats
+from megatron_rlp.kernels.triton_linear_logprob import (
+    TritonBackend,
+    triton_shard_grads,
+    triton_shard_stats,
+)
+
+IGNORE = -100
+SMALL_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_D": 16}
+
+
+def _inputs(n, d, v, dtype=torch.float32, scale=1.0, seed=0, ignore_rows=()):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g) * scale
+    w = torch.randn(v, d, generator=g) / d**0.5
+    t = torch.randint(0, v, (n,), generator=g)
+    for r in ignore_rows:
+        t[r] = IGNORE
+    return h.to(dtype), w.to(dtype), t
+
+
+def _naive(h, w, t, entropy=False, dtype=torch.float64):
+    """log_softmax + gather on the materialised logits (the oracle), in ``dtype``."""
+    logits = h.to(dtype) @ w.to(dtype).t()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    keep = t != IGNORE
+    lp = torch.where(keep, logp_all.gather(1, t.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    if not entropy:
+        return lp
+    ent = torch.where(keep, -(logp_all.exp() * logp_all).sum(-1), 0.0)
+    return lp, ent
+
+
+def _naive_grads(h, w, t, ga, gb=None):
+    hh = h.detach().double().requires_grad_()
+    ww = w.detach().double().requires_grad_()
+    if gb is None:
+        loss = (_naive(hh, ww, t) * ga.double()).sum()
+    else:
+        lp, ent = _naive(hh, ww, t, entropy=True)
+        loss = (lp * ga.double() + ent * gb.double()).sum()
+    loss.backward()
+    return hh.grad, ww.grad
+
+
+def _our_grads(fn, h, w, t, ga, gb=None, **kw):
+    hh = h.detach().clone().requires_grad_()
+    ww = w.detach().clone().requires_grad_()
+    if gb is None:
+        out = fn(hh, ww, t, **kw)
+        (out * ga).sum().backward()
+        return out.detach(), None, hh.grad, ww.grad
+    lp, ent = fn(hh, ww, t, entropy=True, **kw)
+    (lp * ga + ent * gb).sum().backward()
+    return lp.detach(), ent.detach(), hh.grad, ww.grad
+
+
+def _triton(h, w, t, entropy=False, deterministic=True, blocks=SMALL_BLOCKS):
+    return vp.apply_linear_logprob(
+        TritonBackend(deterministic=deterministic, blocks=blocks), h, w, t, None, entropy
+    )
+
+
+def _close(actual, expected, atol, rtol=1e-4):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize(
+    "n,d,v",
+    [(37, 40, 101), (1, 16, 33), (16, 32, 64)],
+    ids=["ragged-blocks", "one-token", "exact-blocks"],
+)
+def test_triton_forward_matches_log_softmax(n, d, v):
+    h, w, t = _inputs(n, d, v)
+    lp, ent = _triton(h, w, t, entropy=True)
+    elp, eent = _naive(h, w, t, entropy=True)
+    assert lp.dtype == torch.float32 and lp.shape == (n,)
+    _close(lp, elp, atol=2e-5)
+    _close(ent, eent, atol=2e-5)
+    _close(_triton(h, w, t), elp, atol=2e-5)
+
+
+def test_triton_default_blocks_match_reference():
+    h, w, t = _inputs(40, 48, 150, ignore_rows=(5,))
+    lp = linear_logprob(h, w, t, impl="triton")
+    _close(lp, reference_linear_logprob(h, w, t), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_reference_forward_fp64_exact(chunk):
+    h, w, t = _inputs(23, 12, 57, dtype=torch.float64, ignore_rows=(0, 9))
+    lp, ent = reference_linear_logprob(h, w, t, entropy=True, chunk_size=chunk)
+    elp, eent = _naive(h, w, t, entropy=True)
+    _close(lp, elp, atol=1e-12)
+    _close(ent, eent, atol=1e-12)
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    h, w, t = _inputs(24, 48, 90, dtype=torch.bfloat16)
+    # the oracle sees the same bf16-rounded numbers, computed in fp64
+    elp, eent = _naive(h, w, t, entropy=True)
+    lp, ent = _triton(h, w, t, entropy=True)
+    rlp, rent = reference_linear_logprob(h, w, t, entropy=True)
+    for a, b in ((lp, elp), (ent, eent), (rlp, elp), (rent, eent)):
+        assert a.dtype == torch.float32
+        _close(a, b, atol=5e-5)
+    # a bf16 logits matmul would be off by far more than that
+    bf16_logits = torch.log_softmax((h @ w.t()).double(), -1).gather(1, t[:, None]).squeeze(1)
+    assert (bf16_logits - elp).abs().max() > 1e-3
+
+
+def test_very_large_logits_do_not_overflow():
+    h, w, t = _inputs(20, 16, 70, scale=3e3)  # logits of order 1e4
+    logits = h.double() @ w.double().t()
+    assert logits.abs().max() > 5e3
+    lp, ent = _triton(h, w, t, entropy=True)
+    rlp, rent = reference_linear_logprob(h, w, t, entropy=True)
+    elp, eent = _naive(h, w, t, entropy=True)
+    for a in (lp, ent, rlp, rent):
+        assert torch.isfinite(a).all()
+    _close(lp, elp, atol=2e-2, rtol=1e-5)
+    _close(rlp, elp, atol=2e-2, rtol=1e-5)
+    # entropies near 0: every term of the merged entropy is non-negative, no cancellation
+    _close(ent, eent, atol=1e-3)
+    _close(rent, eent, atol=1e-3)
+    assert (ent >= 0).all() and (rent >= 0).all()
+    # gradients stay finite too
+    ga = torch.ones(20)
+    _, _, gh, gw = _our_grads(_triton, h, w, t, ga, ga)
+    assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_triton_backward_matches_autograd(deterministic, with_entropy):
+    n, d, v = 37, 40, 101
+    h, w, t = _inputs(n, d, v, ignore_rows=(2, 30))
+    g = torch.Generator().manual_seed(1)
+    ga = torch.randn(n, generator=g)
+    gb = torch.randn(n, generator=g) if with_entropy else None
+    fn = lambda hh, ww, tt, **kw: _triton(hh, ww, tt, deterministic=deterministic, **kw)  # noqa: E731
+    _, _, gh, gw = _our_grads(fn, h, w, t, ga, gb)
+    eh, ew = _naive_grads(h, w, t, ga, gb)
+    _close(gh, eh, atol=2e-5)
+    _close(gw, ew, atol=2e-5)
+    # ignored rows get no hidden gradient at all
+    assert torch.count_nonzero(gh[2]) == 0 and torch.count_nonzero(gh[30]) == 0
+
+
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_reference_backward_matches_autograd(with_entropy):
+    n, d, v = 29, 24, 77
+    h, w, t = _inputs(n, d, v, ignore_rows=(4,))
+    g = torch.Generator().manual_seed(2)
+    ga = torch.randn(n, generator=g)
+    gb = torch.randn(n, generator=g) if with_entropy else None
+    fn = lambda hh, ww, tt, **kw: reference_linear_logprob(hh, ww, tt, chunk_size=6, **kw)  # noqa: E731
+    lp, ent, gh, gw = _our_grads(fn, h, w, t, ga, gb)
+    eh, ew = _naive_grads(h, w, t, ga, gb)
+    _close(gh, eh, atol=1e-5)
+    _close(gw, ew, atol=1e-5)
+
+
+def test_reference_gradcheck_fp64():
+    h, w, t = _inputs(6, 5, 11, dtype=torch.float64, ignore_rows=(1,))
+    h.requires_grad_()
+    w.requires_grad_()
+
+    def f(hh, ww):
+        lp, ent = reference_linear_logprob(hh, ww, t, entropy=True, chunk_size=4)
+        return lp, ent
+
+    assert torch.autograd.gradcheck(f, (h, w))
+
+
+def test_bf16_backward_against_fp32_autograd():
+    n, d, v = 20, 32, 70
+    h, w, t = _inputs(n, d, v, dtype=torch.bfloat16)
+    ga = torch.ones(n)
+    eh, ew = _naive_grads(h, w, t, ga, ga)
+    for fn in (_triton, reference_linear_logprob):
+        lp, ent, gh, gw = _our_grads(fn, h, w, t, ga, ga)
+        assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+        # the only error is the final rounding of the gradient to bf16
+        _close(gh, eh, atol=1e-2, rtol=1e-2)
+        _close(gw, ew, atol=1e-2, rtol=1e-2)
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    h, w, t = _inputs(33, 24, 50)
+    ga = torch.randn(33, generator=torch.Generator().manual_seed(3))
+    runs = [_our_grads(_triton, h, w, t, ga, ga) for _ in range(2)]
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+
+
+def test_only_requested_gradients_are_computed():
+    h, w, t = _inputs(18, 16, 40)
+    hh = h.clone().requires_grad_()
+    for fn in (_triton, reference_linear_logprob):
+        hh.grad = None
+        fn(hh, w, t).sum().backward()
+        eh, _ = _naive_grads(h, w, t, torch.ones(18))
+        _close(hh.grad, eh, atol=1e-5)
+    # and the backend skips the weight kernel entirely
+    lse = torch.zeros(18)
+    gh, gw = triton_shard_grads(h, w, t, lse, None, torch.ones(18), None, True, False)
+    assert gw is None and gh.shape == h.shape
+
+
+def test_entropy_gradient_alone():
+    h, w, t = _inputs(12, 16, 45)
+    hh = h.clone().requires_grad_()
+    ww = w.clone().requires_grad_()
+    _, ent = _triton(hh, ww, t, entropy=True)
+    ent.sum().backward()
+    eh_ = h.double().requires_grad_()
+    ew_ = w.double().requires_grad_()
+    _naive(eh_, ew_, t, entropy=True)[1].sum().backward()
+    _close(hh.grad, eh_.grad, atol=1e-5)
+    _close(ww.grad, ew_.grad, atol=1e-5)
+
+
+def test_ignored_targets_give_zero_and_no_gradient():
+    h, w, t = _inputs(10, 16, 30)
+    t[:] = IGNORE
+    for fn in (_triton, reference_linear_logprob):
+        hh = h.clone().requires_grad_()
+        ww = w.clone().requires_grad_()
+        lp, ent = fn(hh, ww, t, entropy=True)
+        assert torch.count_nonzero(lp) == 0 and torch.count_nonzero(ent) == 0
+        (lp + ent).sum().backward()
+        assert torch.count_nonzero(hh.grad) == 0 and torch.count_nonzero(ww.grad) == 0
+
+
+def test_custom_ignore_index_and_leading_dims():
+    h, w, t = _inputs(12, 16, 30)
+    t[3] = 7
+    lp = linear_logprob(h.view(3, 4, 16), w, t.view(3, 4), ignore_index=7, impl="reference")
+    assert lp.shape == (3, 4) and lp.view(-1)[3] == 0
+    ref = _naive(h, w, t)
+    ref[3] = 0
+    _close(lp.view(-1), ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- vocab-parallel merge
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_shard_stats_merge_equals_full_vocabulary(impl):
+    """Two shards merged by the packed-statistics rule == the unsplit vocabulary."""
+    n, d, v, world = 21, 16, 64, 2
+    h, w, t = _inputs(n, d, v, ignore_rows=(3,))
+    stats_fn = triton_shard_stats if impl == "triton" else reference_shard_stats
+    shard = v // world
+    stats = []
+    for r in range(world):
+        lt, ignored = vp.local_targets(t, r * shard, shard, IGNORE)
+        stats.append(stats_fn(h, w[r * shard:(r + 1) * shard], lt, True))
+    lse, tgt, ent = vp.merge_shard_stats(torch.stack(stats), entropy=True)
+    elp, eent = _naive(h, w, t, entropy=True)
+    keep = t != IGNORE
+    _close((tgt - lse)[keep], elp[keep], atol=2e-5)
+    _close(ent[keep], eent[keep], atol=2e-5)
+    # exactly one shard reports each target's logit, the other reports exact zero
+    in0 = (t >= 0) & (t < shard)
+    assert torch.all(stats[1][in0, 1] == 0) and torch.all(stats[0][~in0, 1] == 0)
+
+
+# ---------------------------------------------------------------------------- information gain
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_information_gain(impl):
+    n, d, v = 14, 16, 40
+    h1, w1, t = _inputs(n, d, v, seed=4, ignore_rows=(6,))
+    h2, _, _ = _inputs(n, d, v, seed=5)
+    w2 = (w1.double() + 0.05 * torch.randn(v, d, dtype=torch.float64)).float()
+    h1.requires_grad_()
+    gain = information_gain(h1, w1, h2, w2, t, impl=impl)
+    assert gain.dtype == torch.float32 and not gain.requires_grad
+    expected = _naive(h1.detach(), w1, t) - _naive(h2, w2, t)
+    _close(gain, expected, atol=2e-5)
+    assert gain[6] == 0
+    _close(reference_information_gain(h1.detach(), w1, h2, w2, t), expected, atol=2e-5)
+
+
+def test_information_gain_bf16_policy_fp32_ema():
+    """bf16 policy states against an fp32 EMA teacher (kept in fp32, see DESIGN.md)."""
+    n, d, v = 10, 16, 36
+    h1, w1, t = _inputs(n, d, v, dtype=torch.bfloat16, seed=6)
+    h2, w2, _ = _inputs(n, d, v, seed=7)
+    expected = _naive(h1, w1, t) - _naive(h2, w2, t)
+    for impl in ("triton", "reference"):
+        _close(information_gain(h1, w1, h2, w2, t, impl=impl), expected, atol=5e-5)
+
+
+# ---------------------------------------------------------------------------- dispatch
+
+
+def test_impl_switch(monkeypatch):
+    cpu = torch.zeros(2, 2)
+    monkeypatch.delenv(IMPL_ENV, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_impl("auto", cpu) == "triton"
+    assert resolve_impl("reference", cpu) == "reference"
+    assert resolve_impl("auto", cpu.double()) == "reference"
+    monkeypatch.setenv(IMPL_ENV, "reference")
+    assert resolve_impl("auto", cpu) == "reference"
+    assert resolve_impl("triton", cpu) == "triton"  # an explicit argument wins over the env
+    monkeypatch.delenv(IMPL_ENV)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_impl(None, cpu) == "reference"
+    with pytest.raises(ValueError):
+        resolve_impl("cuda", cpu)
+    monkeypatch.setenv(IMPL_ENV, "fast")
+    with pytest.raises(ValueError):
+        resolve_impl("auto", cpu)
+
+
+def test_env_var_routes_public_call(monkeypatch):
+    """MEGATRON_RLP_LOGPROB_IMPL picks the backend actually used by linear_logprob."""
+    used = []
+    orig = vp.LinearLogprobFunction.apply
+
+    def spy(*args):
+        used.append(args[6].name)
+        return orig(*args)
+
+    monkeypatch.setattr(vp.LinearLogprobFunction, "apply", spy)
+    h, w, t = _inputs(4, 16, 20)
+    for env in ("reference", "triton"):
+        monkeypatch.setenv(IMPL_ENV, env)
+        linear_logprob(h, w, t)
+    assert used == ["reference", "triton"]
+
+
+def test_rejects_bad_shapes():
+    h, w, t = _inputs(4, 16, 20)
+    with pytest.raises(ValueError):
+        linear_logprob(h, w[:, :8], t, impl="reference")
+    with pytest.raises(ValueError):
+        linear_logprob(h, w, t[:3], impl="reference")
+    with pytest.raises(TypeError):
+        linear_logprob(h, w, t.float(), impl="reference")
