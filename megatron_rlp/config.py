@@ -40,8 +40,9 @@ class ModelConfig:
     kv_channels: Optional[int] = option(None, "Override the preset's head dimension.")
     untie_embeddings_and_output_weights: bool = option(False, "Untie input and output embeddings.")
     bf16: bool = option(False, "bf16 parameters and activations, fp32 main params in the optimizer.")
-    vocab_size: Optional[int] = option(
-        None, "Override the preset's vocabulary size (must hold every token id of the tokenizer)."
+    vocab_size: Optional[int] = option(None, "NullTokenizer: number of token ids before the end-of-document id (Megatron-LM's --vocab-size).")
+    model_vocab_size: Optional[int] = option(
+        None, "Override the preset's (padded) model vocabulary; it must hold every tokenizer id."
     )
     layout_invariant_init: bool = option(
         False, "Draw each weight from a generator keyed by its global name, so the initial model "
@@ -55,6 +56,8 @@ class TrainingConfig:
     global_batch_size: int = option(8, "Samples per optimizer step across all data-parallel ranks.")
     seq_length: int = option(128, "Tokens per training sample.")
     train_iters: int = option(100, "Number of optimizer steps to run (total, including resumed ones).")
+    optimizer: str = option("adam", "Optimizer.", choices=["adam", "sgd"])
+    sgd_momentum: float = option(0.9, "Momentum of the SGD optimizer.")
     lr: float = option(3e-4, "Peak learning rate.")
     min_lr: float = option(0.0, "Minimum learning rate at the end of decay.")
     lr_decay_style: str = option("cosine", "Learning rate decay style.", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
@@ -88,6 +91,7 @@ class CheckpointConfig:
     save: Optional[str] = option(None, "Directory to save checkpoints to.")
     load: Optional[str] = option(None, "Directory to load a checkpoint from.")
     save_interval: Optional[int] = option(None, "Save every N iterations (and at the end).")
+    finetune: bool = option(False, "Load model weights only and start at iteration 0 with a fresh optimizer, scheduler and data cursor (e.g. RLP from a pretrained checkpoint).")
     no_load_optim: bool = option(False, "Do not load optimizer state.")
     no_load_rng: bool = option(False, "Do not load RNG state.")
     exit_signal_handler: bool = option(True, "On SIGTERM/SIGUSR1 (slurm preemption) save and exit cleanly.")

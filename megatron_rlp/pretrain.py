@@ -56,26 +56,40 @@ def build_objective(run, state, tokenizer, stream):
     return NextTokenObjective(stream, run.training.seq_length, run.training.micro_batch_size)
 
 
-def run_training(run) -> list[dict]:
-    """Everything after argument parsing; tests call this directly."""
+def setup_run(run, need_data: bool = True):
+    """Tokenizer, model/optimizer state and document stream for a run (no checkpoint loaded)."""
     from megatron_rlp import platform
     from megatron_rlp.data.documents import DocumentStream, open_indexed_dataset
     from megatron_rlp.data.tokenizer import build_tokenizer
     from megatron_rlp.training import loop
 
     platform.setup_platform()
-    if not run.data.data_path:
+    if need_data and not run.data.data_path:
         raise ValueError("--data-path is required (prefix of a .bin/.idx dataset from tools/preprocess_data.py)")
+    if "rlp" in run.extra:
+        from megatron_rlp.rlp.config import validate_rlp_config
+
+        validate_rlp_config(run.extra["rlp"])
     tokenizer = build_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model, run.model.vocab_size)
     preset = loop.resolve_preset(run.model, tokenizer.vocab_size)
-    dataset = open_indexed_dataset(run.data.data_path)
+    dataset = open_indexed_dataset(run.data.data_path) if need_data else None
     state = loop.setup(run, preset)
-    stream = DocumentStream(
-        dataset, preset.vocab_size, seed=run.training.seed, shuffle=run.data.shuffle_documents,
-        eod_id=tokenizer.eod, name=run.data.data_path,
-    )
+    stream = None
+    if dataset is not None:
+        stream = DocumentStream(
+            dataset, preset.vocab_size, seed=run.training.seed, shuffle=run.data.shuffle_documents,
+            eod_id=tokenizer.eod, name=run.data.data_path,
+        )
+    return state, tokenizer, stream
+
+
+def run_training(run, on_iteration=None) -> list[dict]:
+    """Everything after argument parsing; tests and the demo call this directly."""
+    from megatron_rlp.training import loop
+
+    state, tokenizer, stream = setup_run(run)
     objective = build_objective(run, state, tokenizer, stream)
-    return loop.train(state, objective)
+    return loop.train(state, objective, on_iteration=on_iteration)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

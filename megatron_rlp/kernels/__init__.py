@@ -3,7 +3,7 @@
 Public API
 ----------
 ``linear_logprob(hidden, weight, targets, tp_group=None, entropy=False, *, ignore_index=-100,
-impl="auto", deterministic=True, reduce_hidden_grad=True, chunk_size=None)``
+impl="auto", deterministic=True, reduce_hidden_grad=True, chunk_size=None, vocab_chunk=None)``
     ``log softmax(hidden @ weight.T)[target]`` for ``hidden`` [N, D] (or [..., D]) and this
     rank's output-layer shard ``weight`` [V_r, D] (rows ``[r * V_r, (r + 1) * V_r)`` of the full
     vocabulary, as megatron's ColumnParallelLinear output layer holds them), without ever
@@ -19,8 +19,9 @@ impl="auto", deterministic=True, reduce_hidden_grad=True, chunk_size=None)``
     packed all-gather for both models.
 
 ``reference_linear_logprob`` / ``reference_information_gain``
-    Torch reference with the same arguments (plus ``chunk_size``): chunked over tokens, at most
-    ``chunk x V_r`` logits alive, chunk-wise recompute in backward.  Test oracle and CPU fallback.
+    Torch reference with the same arguments: token chunks of ``chunk_size`` rows, each walked in
+    vocabulary blocks of ``vocab_chunk`` columns (at most one such logits block, <= ``chunk x V_r``,
+    alive), block-wise recompute in backward.  Test oracle and CPU fallback.
 
 Choosing the implementation: ``impl="triton"|"reference"`` forces one; ``impl="auto"`` reads
 ``MEGATRON_RLP_LOGPROB_IMPL`` (``auto``/``triton``/``reference``) and otherwise takes Triton on
@@ -43,15 +44,17 @@ from megatron_rlp.kernels.api import (
     triton_available,
 )
 from megatron_rlp.kernels.reference import (
-    DEFAULT_CHUNK_ELEMENTS,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_VOCAB_CHUNK,
     reference_information_gain,
     reference_linear_logprob,
 )
 from megatron_rlp.kernels.vocab_parallel import DEFAULT_IGNORE_INDEX
 
 __all__ = [
-    "DEFAULT_CHUNK_ELEMENTS",
+    "DEFAULT_CHUNK_SIZE",
     "DEFAULT_IGNORE_INDEX",
+    "DEFAULT_VOCAB_CHUNK",
     "IMPL_ENV",
     "IMPLS",
     "information_gain",

@@ -56,12 +56,12 @@ def resolve_impl(impl: Optional[str], *tensors: torch.Tensor) -> str:
     return "reference"
 
 
-def _backend(impl: str, deterministic: bool, chunk_size: Optional[int]):
+def _backend(impl: str, deterministic: bool, chunk_size: Optional[int], vocab_chunk: Optional[int]):
     if impl == "triton":
         from megatron_rlp.kernels.triton_linear_logprob import TritonBackend
 
         return TritonBackend(deterministic=deterministic)
-    return ReferenceBackend(chunk_size)
+    return ReferenceBackend(chunk_size, vocab_chunk)
 
 
 def linear_logprob(
@@ -76,6 +76,7 @@ def linear_logprob(
     deterministic: bool = True,
     reduce_hidden_grad: bool = True,
     chunk_size: Optional[int] = None,
+    vocab_chunk: Optional[int] = None,
 ):
     """log p(target) of ``softmax(hidden @ weight.T)`` over a vocab-parallel weight shard.
 
@@ -90,14 +91,15 @@ def linear_logprob(
         deterministic: Triton backward without atomics (bitwise reproducible).
         reduce_hidden_grad: all-reduce the hidden gradient over ``tp_group`` (as megatron's
             column-parallel output layer does); turn off only if the caller reduces it.
-        chunk_size: token rows per logits block of the reference (default ``2**20 // V_r``).
+        chunk_size, vocab_chunk: the reference's logits block, token rows x vocabulary columns
+            (defaults 4096 x 256); ignored by Triton.
 
     Returns:
         log p [N] fp32, or (log p [N], entropy [N]) with ``entropy=True``.
     """
     chosen = resolve_impl(impl, hidden, weight)
     return apply_linear_logprob(
-        _backend(chosen, deterministic, chunk_size),
+        _backend(chosen, deterministic, chunk_size, vocab_chunk),
         hidden,
         weight,
         targets,
@@ -119,6 +121,7 @@ def information_gain(
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     impl: str = "auto",
     chunk_size: Optional[int] = None,
+    vocab_chunk: Optional[int] = None,
 ) -> torch.Tensor:
     """RLP's reward ``log p_policy(x | h_think) - log p_ema(x | h_nothink)`` (fp32, no grad).
 
@@ -128,7 +131,7 @@ def information_gain(
     """
     chosen = resolve_impl(impl, h_think, w_policy, h_nothink, w_ema)
     return apply_information_gain(
-        _backend(chosen, True, chunk_size),
+        _backend(chosen, True, chunk_size, vocab_chunk),
         h_think,
         w_policy,
         h_nothink,

@@ -1,18 +1,23 @@
-"""Torch reference for the fused linear log-prob: chunked over tokens, vocabulary-parallel.
+"""Torch reference for the fused linear log-prob: blocked over tokens and vocabulary.
 
 Same signatures and semantics as :func:`megatron_rlp.kernels.linear_logprob` /
 :func:`megatron_rlp.kernels.information_gain`; it is the test oracle for the Triton kernel and
-the fallback wherever Triton cannot run (CPU).  Per chunk of ``c`` token rows it materialises one
-``[c, V_r]`` logits block (never ``N x V_r``); the backward recomputes that block chunk by chunk
-instead of keeping logits or probabilities from the forward, so peak memory is about two chunk
-blocks plus the weight gradient.
+the fallback wherever Triton cannot run (CPU).  It walks the token rows in chunks of
+``chunk_size`` and, inside a chunk, the shard's vocabulary in blocks of ``vocab_chunk`` columns,
+so at most one ``chunk_size x vocab_chunk`` logits block (<= ``chunk x V_r``) is alive: the
+forward folds each block into an online log-sum-exp, the backward (a custom autograd Function,
+see :mod:`megatron_rlp.kernels.vocab_parallel`) recomputes each block instead of keeping logits
+or probabilities from the forward.  Peak memory is about one block (two with the entropy
+gradient) plus the gradients themselves.  It is the same algorithm as the Triton kernel, with
+torch matmuls on blocks instead of register tiles.
 
 Numerics: fp32 (fp64 for fp64 inputs) throughout.  Low-precision weights are upcast once per
-call (a ``V_r x D`` fp32 copy) so that logits are accumulated and stored in fp32, like the
-Triton kernel; the hidden chunk is upcast per chunk.  The vocabulary-parallel semantics match
+call (a ``V_r x D`` fp32 copy) so that logits are accumulated and kept in fp32, like the Triton
+kernel; the hidden chunk is upcast per chunk.  The target logit is the row dot product
+``h_i . w_t`` (no gather from a logits block).  Vocabulary-parallel semantics match
 megatron-core's ``vocab_parallel_cross_entropy`` (rank ``r`` holds vocabulary rows
 ``[r * V_r, (r + 1) * V_r)``; log p(target) = -cross entropy), with one packed all-gather in
-place of its three all-reduces (see :mod:`megatron_rlp.kernels.vocab_parallel`).
+place of its three all-reduces.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from megatron_rlp.kernels.vocab_parallel import (
     apply_linear_logprob,
 )
 
-# Logits elements per chunk (rows = budget // V_r).  Tuned with tools/bench_logprob.py on the
-# CPU target shape (N=4096, D=256, V=32000 fp32): 1M elements = 32 rows (4 MiB fp32 blocks) is
-# about as fast as materialising everything and keeps the peak well below 1/5 of it.
-DEFAULT_CHUNK_ELEMENTS = 1 << 20
+# Block of logits the reference keeps alive: ``chunk_size`` token rows x ``vocab_chunk`` vocabulary
+# columns (4 MiB in fp32 by default).  Tuned with tools/bench_logprob.py on the CPU target shape
+# (N=4096, D=256, V=32000 fp32, 2 cores): narrow vocabulary blocks keep every elementwise pass in
+# cache and give the matmuls a long M dimension; see the tool's report for the numbers.
+DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_VOCAB_CHUNK = 1024
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -38,12 +45,60 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def rows_per_chunk(shard_size: int, chunk_size: Optional[int]) -> int:
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return int(chunk_size)
-    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, shard_size))
+def _block(value: Optional[int], default: int, what: str) -> int:
+    if value is None:
+        return default
+    if value < 1:
+        raise ValueError(f"{what} must be >= 1, got {value}")
+    return int(value)
+
+
+def _target_rows(local_tgt_c: torch.Tensor):
+    """(rows whose target is in this shard, their local target ids)."""
+    rows = (local_tgt_c >= 0).nonzero().squeeze(1)
+    return rows, local_tgt_c.index_select(0, rows)
+
+
+class _BlockBuffer:
+    """One reusable logits block: every [rows, cols] request is a contiguous view of it."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+        self._flat = torch.empty(rows * cols, dtype=dtype, device=device)
+
+    def __call__(self, rows: int, cols: int) -> torch.Tensor:
+        return self._flat[: rows * cols].view(rows, cols)
+
+
+# Without the entropy the forward keeps its exp() reference point m lagging behind the running
+# max: logits above m by less than ~88 cannot overflow exp in fp32, and a scale change does not
+# cost relative precision.  m moves (a vector op) once the running sum passes _REBASE_ABOVE; a
+# block that would overflow is redone with its exact max (rare: a jump of > 88 nats).
+_REBASE_ABOVE = 1e30
+
+
+def _fold_block_exact(z, m, ssum, plogp, entropy):
+    """Online log-sum-exp update with the block's exact max; z is raw logits (overwritten)."""
+    m_new = z.amax(dim=1)
+    if m is not None:
+        torch.maximum(m, m_new, out=m_new)
+    z.sub_(m_new.unsqueeze(1))  # z - m_new <= 0
+    block_plogp = None
+    if entropy:
+        p = torch.exp(z)
+        block_sum = p.sum(dim=1)
+        block_plogp = p.mul_(z).sum(dim=1)
+        del p
+    else:
+        block_sum = z.exp_().sum(dim=1)
+    if m is None:
+        return m_new, block_sum, block_plogp
+    shift = m - m_new  # <= 0
+    alpha = torch.exp(shift)
+    if entropy:
+        # re-base sum exp(z - m)(z - m) from m to m_new, then add this block
+        plogp = plogp.add_(shift * ssum).mul_(alpha).add_(block_plogp)
+    ssum = ssum.mul_(alpha).add_(block_sum)
+    return m_new, ssum, plogp
 
 
 def reference_shard_stats(
@@ -52,32 +107,52 @@ def reference_shard_stats(
     local_tgt: torch.Tensor,
     entropy: bool,
     chunk_size: Optional[int] = None,
+    vocab_chunk: Optional[int] = None,
 ) -> torch.Tensor:
-    """Shard statistics [N, 2|3] = (lse_r, target logit or 0, shard entropy) chunk by chunk."""
+    """Shard statistics [N, 2|3] = (lse_r, target logit or 0, shard entropy).
+
+    Token rows in chunks of ``chunk_size``; inside a chunk the vocabulary in blocks of
+    ``vocab_chunk`` columns folded into an online log-sum-exp (reference point ``m``, sum ``s`` of
+    ``exp(z - m)`` and, for the entropy, ``e = sum exp(z - m) * (z - m)``).
+    """
     cd = compute_dtype(hidden, weight)
     w = weight.to(cd)
     n, shard = hidden.shape[0], w.shape[0]
-    stats = torch.empty(n, 3 if entropy else 2, dtype=cd, device=hidden.device)
-    has_t = local_tgt >= 0
-    safe_t = local_tgt.clamp(min=0).unsqueeze(1)
-    zero = torch.zeros((), dtype=cd, device=hidden.device)
-    step = rows_per_chunk(shard, chunk_size)
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        z = torch.mm(hidden[s:e].to(cd), w.t())  # [c, V_r] logits, fp32
-        stats[s:e, 1] = torch.where(has_t[s:e], z.gather(1, safe_t[s:e]).squeeze(1), zero)
-        m = z.amax(dim=1, keepdim=True)
-        z.sub_(m)  # z - max <= 0
+    stats = torch.zeros(n, 3 if entropy else 2, dtype=cd, device=hidden.device)
+    rows_step = _block(chunk_size, DEFAULT_CHUNK_SIZE, "chunk_size")
+    vocab_step = _block(vocab_chunk, DEFAULT_VOCAB_CHUNK, "vocab_chunk")
+    block = _BlockBuffer(min(n, rows_step), min(shard, vocab_step), cd, hidden.device)
+    for s in range(0, n, rows_step):
+        e = min(n, s + rows_step)
+        h = hidden[s:e].to(cd)
+        # target logit: one row of W per token, no logits block needed
+        rows, cols = _target_rows(local_tgt[s:e])
+        stats[s + rows, 1] = (h.index_select(0, rows) * w.index_select(0, cols)).sum(1)
+        m = ssum = plogp = None
+        for vs in range(0, shard, vocab_step):
+            wc = w[vs:vs + vocab_step]
+            z = block(e - s, wc.shape[0])
+            if entropy or m is None:
+                torch.mm(h, wc.t(), out=z)
+                m, ssum, plogp = _fold_block_exact(z, m, ssum, plogp, entropy)
+                continue
+            # fast path: shift by the lagging reference inside the matmul, then exp and sum
+            torch.addmm(m.neg().unsqueeze(1), h, wc.t(), out=z)
+            total = z.exp_().sum(dim=1).add_(ssum)
+            if not bool(torch.isfinite(total).all()):
+                torch.mm(h, wc.t(), out=z)
+                m, ssum, plogp = _fold_block_exact(z, m, ssum, plogp, False)
+                continue
+            ssum = total
+            big = ssum > _REBASE_ABOVE
+            if bool(big.any()):
+                log_s = torch.log(ssum)
+                m = torch.where(big, m + log_s, m)
+                ssum = torch.where(big, torch.ones_like(ssum), ssum)
+        log_s = torch.log(ssum)
+        stats[s:e, 0] = m + log_s
         if entropy:
-            p = torch.exp(z)
-            sumexp = p.sum(dim=1)
-            plogp = p.mul_(z).sum(dim=1)  # sum exp(z - m) * (z - m)
-            del p
-            stats[s:e, 2] = torch.log(sumexp) - plogp / sumexp
-        else:
-            sumexp = z.exp_().sum(dim=1)
-        stats[s:e, 0] = m.squeeze(1) + torch.log(sumexp)
-        del z
+            stats[s:e, 2] = log_s - plogp / ssum
     return stats
 
 
@@ -92,43 +167,65 @@ def reference_shard_grads(
     need_hidden: bool = True,
     need_weight: bool = True,
     chunk_size: Optional[int] = None,
+    vocab_chunk: Optional[int] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(partial hidden grad, weight grad) by recomputing each chunk's logits.
+    """(partial hidden grad, weight grad) by recomputing every logits block.
 
-    dz = a * (onehot(t) - p) + b * p * ((lse - z) - H), then dh = dz @ W, dW = dz^T @ h.
+    dz = a * (onehot(t) - p) + b * p * ((lse - z) - H); dh = dz @ W, dW = dz^T @ h.
+    Without the entropy term ``dz = -a * p + a * onehot`` is never formed: the row scale ``-a``
+    is applied to ``p @ W`` once per chunk and folded into ``h`` for ``dW``, and the one-hot
+    part is a gather / index_add of single rows.
     """
     cd = compute_dtype(hidden, weight)
     w = weight.to(cd)
     n, shard = hidden.shape[0], w.shape[0]
-    grad_h = torch.empty(n, w.shape[1], dtype=cd, device=hidden.device) if need_hidden else None
+    dev = hidden.device
+    grad_h = torch.zeros(n, w.shape[1], dtype=cd, device=dev) if need_hidden else None
     grad_w = torch.zeros_like(w) if need_weight else None
     if not (need_hidden or need_weight):
         return grad_h, grad_w
-    lse = lse.to(cd).unsqueeze(1)
-    a = grad_logp.to(cd).unsqueeze(1)
-    b = grad_ent.to(cd).unsqueeze(1) if grad_ent is not None else None
-    ent = ent.to(cd).unsqueeze(1) if b is not None else None
-    safe_t = local_tgt.clamp(min=0).unsqueeze(1)
-    tgt_grad = torch.where(local_tgt.unsqueeze(1) >= 0, a, torch.zeros((), dtype=cd, device=a.device))
-    step = rows_per_chunk(shard, chunk_size)
-    for s in range(0, n, step):
-        e = min(n, s + step)
+    rows_step = _block(chunk_size, DEFAULT_CHUNK_SIZE, "chunk_size")
+    vocab_step = _block(vocab_chunk, DEFAULT_VOCAB_CHUNK, "vocab_chunk")
+    with_ent = grad_ent is not None
+    block = _BlockBuffer(min(n, rows_step), min(shard, vocab_step), cd, dev)
+    probs = _BlockBuffer(min(n, rows_step), min(shard, vocab_step), cd, dev) if with_ent else None
+    for s in range(0, n, rows_step):
+        e = min(n, s + rows_step)
         h = hidden[s:e].to(cd)
-        z = torch.mm(h, w.t())
-        z.sub_(lse[s:e])  # log p over the full vocabulary
-        if b is not None:
-            p = torch.exp(z)
-            # p * (b * (-log p - H) - a), in place in the logits buffer
-            z.add_(ent[s:e]).mul_(b[s:e].neg()).sub_(a[s:e]).mul_(p)
-            del p
+        neg_lse = lse[s:e].to(cd).neg().unsqueeze(1)
+        a = grad_logp[s:e].to(cd)
+        if with_ent:
+            b = grad_ent[s:e].to(cd).unsqueeze(1)
+            neg_b = b.neg()
+            offset = (b * ent[s:e].to(cd).unsqueeze(1)).add_(a.unsqueeze(1))  # b * H + a
+            h_scaled = h
         else:
-            z.exp_().mul_(a[s:e].neg())
-        z.scatter_add_(1, safe_t[s:e], tgt_grad[s:e])
+            h_scaled = h * a.neg().unsqueeze(1)  # dW = p^T @ (-a * h)
+        acc_h = grad_h[s:e] if need_hidden else None
+        for vs in range(0, shard, vocab_step):
+            ve = min(shard, vs + vocab_step)
+            wc = w[vs:ve]
+            z = block(e - s, ve - vs)
+            torch.addmm(neg_lse, h, wc.t(), out=z)  # log p over the full vocabulary
+            if with_ent:
+                p = torch.exp(z, out=probs(e - s, ve - vs))
+                # p * (-b * log p - (b * H + a)), in place in the logits block
+                z.mul_(neg_b).sub_(offset).mul_(p)
+            else:
+                z.exp_()  # p; the row scale -a is applied after the loop
+            if need_hidden:
+                acc_h.addmm_(z, wc)
+            if need_weight:
+                grad_w[vs:ve].addmm_(z.t(), h_scaled)
+        # the one-hot part a * onehot(t): rows whose target lies in this shard
+        rows, cols = _target_rows(local_tgt[s:e])
+        a_rows = a.index_select(0, rows).unsqueeze(1)
         if need_hidden:
-            torch.mm(z, w, out=grad_h[s:e])
+            if not with_ent:
+                acc_h.mul_(a.neg().unsqueeze(1))
+            acc_h.index_add_(0, rows, w.index_select(0, cols) * a_rows)
         if need_weight:
-            grad_w.addmm_(z.t(), h)
-        del z
+            grad_w.index_add_(0, cols, h.index_select(0, rows) * a_rows)
     return grad_h, grad_w
 
 
@@ -137,15 +234,19 @@ class ReferenceBackend:
 
     name = "reference"
 
-    def __init__(self, chunk_size: Optional[int] = None):
+    def __init__(self, chunk_size: Optional[int] = None, vocab_chunk: Optional[int] = None):
         self.chunk_size = chunk_size
+        self.vocab_chunk = vocab_chunk
 
     def shard_stats(self, hidden, weight, local_tgt, entropy):
-        return reference_shard_stats(hidden, weight, local_tgt, entropy, self.chunk_size)
+        return reference_shard_stats(
+            hidden, weight, local_tgt, entropy, self.chunk_size, self.vocab_chunk
+        )
 
     def shard_grads(self, hidden, weight, local_tgt, lse, ent, grad_logp, grad_ent, need_h, need_w):
         return reference_shard_grads(
-            hidden, weight, local_tgt, lse, ent, grad_logp, grad_ent, need_h, need_w, self.chunk_size
+            hidden, weight, local_tgt, lse, ent, grad_logp, grad_ent, need_h, need_w,
+            self.chunk_size, self.vocab_chunk,
         )
 
 
@@ -158,11 +259,12 @@ def reference_linear_logprob(
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     chunk_size: Optional[int] = None,
     reduce_hidden_grad: bool = True,
+    vocab_chunk: Optional[int] = None,
 ):
-    """Torch reference of :func:`megatron_rlp.kernels.linear_logprob` (same arguments, plus
-    ``chunk_size`` = token rows per logits block; default ``2**20 // V_r``)."""
+    """Torch reference of :func:`megatron_rlp.kernels.linear_logprob` (same arguments, plus the
+    logits block: ``chunk_size`` token rows x ``vocab_chunk`` vocabulary columns)."""
     return apply_linear_logprob(
-        ReferenceBackend(chunk_size),
+        ReferenceBackend(chunk_size, vocab_chunk),
         hidden,
         weight,
         targets,
@@ -182,8 +284,9 @@ def reference_information_gain(
     tp_group=None,
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     chunk_size: Optional[int] = None,
+    vocab_chunk: Optional[int] = None,
 ) -> torch.Tensor:
     """Torch reference of :func:`megatron_rlp.kernels.information_gain`."""
     return apply_information_gain(
-        ReferenceBackend(chunk_size), h_think, w_policy, h_nothink, w_ema, targets, tp_group, ignore_index
+        ReferenceBackend(chunk_size, vocab_chunk), h_think, w_policy, h_nothink, w_ema, targets, tp_group, ignore_index
     )

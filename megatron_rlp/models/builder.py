@@ -126,6 +126,27 @@ def gpt_layer_spec(preset: ModelPreset):
     )
 
 
+def _rlp_gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class RLPGPTModel(GPTModel):
+        """megatron-core's GPTModel that can hand back its final (normed) hidden states.
+
+        With ``return_hidden = True`` a training/scoring forward (no inference context) on the last
+        stage returns hidden states [s, b, h] instead of logits, so the log-probabilities of chosen
+        tokens come from the fused linear log-prob kernel without materialising [s, b, V] logits.
+        """
+
+        return_hidden = False
+
+        def _postprocess(self, hidden_states, **kwargs):
+            if self.return_hidden and kwargs.get("inference_context") is None:
+                return hidden_states
+            return super()._postprocess(hidden_states, **kwargs)
+
+    return RLPGPTModel
+
+
 def build_gpt_model(
     preset: ModelPreset,
     config: TransformerConfig,
@@ -133,7 +154,7 @@ def build_gpt_model(
     post_process: Optional[bool] = None,
 ):
     """A megatron-core GPTModel for this pipeline stage (parallel_state must be initialised)."""
-    from megatron.core.models.gpt import GPTModel
+    GPTModel = _rlp_gpt_model_class()
 
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)

@@ -97,6 +97,45 @@ def _model_sharded_state_dict(model_chunks) -> dict:
     return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
 
 
+def _begin_save(root: str, iteration: int) -> tuple[str, str]:
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+    return final, tmp
+
+
+def _commit_save(root: str, iteration: int, final: str, tmp: str) -> None:
+    """Rename the finished checkpoint into place, then point the tracker at it (atomically)."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+
+
+def save_model_checkpoint(root: str, model_chunks, model_signature: dict, iteration: int = 0) -> str:
+    """A weights-only checkpoint (what the converters write); --load starts training from it."""
+    final, tmp = _begin_save(root, iteration)
+    state = dict(_model_sharded_state_dict(model_chunks))
+    state["iteration"] = iteration
+    state["model_signature"] = model_signature
+    state["parallel_layout"] = _layout()
+    state["weights_only"] = True
+    dist_checkpointing.save(state, tmp)
+    _commit_save(root, iteration, final, tmp)
+    return final
+
+
 def save_checkpoint(
     root: str,
     iteration: int,
@@ -107,16 +146,7 @@ def save_checkpoint(
     model_signature: dict,
 ) -> str:
     """Save everything needed to resume exactly; returns the checkpoint directory."""
-    final = iteration_dir(root, iteration)
-    tmp = final + ".tmp"
-    rank = dist.get_rank()
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    dist.barrier()
-
+    final, tmp = _begin_save(root, iteration)
     model_sd = _model_sharded_state_dict(model_chunks)
     state = dict(model_sd)
     state["optimizer"] = optimizer.sharded_state_dict(
@@ -130,16 +160,7 @@ def save_checkpoint(
     state["model_signature"] = model_signature
     state["parallel_layout"] = _layout()
     dist_checkpointing.save(state, tmp)
-    dist.barrier()
-    if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    dist.barrier()
+    _commit_save(root, iteration, final, tmp)
     return final
 
 
@@ -166,6 +187,7 @@ def load_checkpoint(
     model_signature: dict,
     load_optimizer: bool = True,
     load_rng: bool = True,
+    finetune: bool = False,
 ) -> int:
     """Load the latest checkpoint under ``root``; returns its iteration."""
     if not os.path.isdir(root):
@@ -186,6 +208,13 @@ def load_checkpoint(
 
     model_sd = _model_sharded_state_dict(model_chunks)
     request = dict(model_sd)
+    if common.get("weights_only") or finetune:
+        loaded = dist_checkpointing.load(request, ckpt)
+        for key in model_sd:
+            unwrap_model(model_chunks[int(key[5:] or 0)]).load_state_dict(loaded[key], strict=True)
+        if dist.get_rank() == 0:
+            print(f"loaded the weights of {ckpt}; training starts at iteration 0", flush=True)
+        return 0
     if load_optimizer and optimizer is not None:
         _prime_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(
@@ -193,6 +222,8 @@ def load_checkpoint(
             is_loading=True,
             metadata=OPTIMIZER_METADATA,
         )
+    # The objective's plain state first: it says which tensors (e.g. an EMA teacher) exist.
+    objective.load_state_dict(common["objective"])
     request["objective_tensors"] = objective.sharded_state_dict(model_sd)
     if load_rng and same_layout:
         request["rng_state"] = _rng_sharded_object()
@@ -204,7 +235,6 @@ def load_checkpoint(
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
     objective.load_sharded_state_dict(loaded.get("objective_tensors", {}))
-    objective.load_state_dict(common["objective"])
     if "rng_state" in request:
         _restore_rng(loaded["rng_state"])
     elif load_rng and dist.get_rank() == 0:

@@ -65,9 +65,11 @@ def resolve_preset(model: cfg.ModelConfig, tokenizer_vocab: Optional[int] = None
     preset = get_preset(model.model_preset)
     overrides = {
         k: getattr(model, k)
-        for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "vocab_size")
+        for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
         if getattr(model, k) is not None
     }
+    if model.model_vocab_size is not None:
+        overrides["vocab_size"] = model.model_vocab_size
     if model.untie_embeddings_and_output_weights:
         overrides["tie_embeddings"] = False
     preset = preset.replace(**overrides)
@@ -149,7 +151,8 @@ def setup(run: RunConfig, preset: ModelPreset) -> TrainState:
 
     t = run.training
     opt_config = OptimizerConfig(
-        optimizer="adam",
+        optimizer=t.optimizer,
+        sgd_momentum=t.sgd_momentum,
         lr=t.lr,
         min_lr=t.min_lr,
         weight_decay=t.weight_decay,
@@ -239,7 +242,7 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
     if ck.load:
         state.iteration = ckpt.load_checkpoint(
             ck.load, state.model, state.optimizer, state.scheduler, objective, signature,
-            load_optimizer=not ck.no_load_optim, load_rng=not ck.no_load_rng,
+            load_optimizer=not ck.no_load_optim, load_rng=not ck.no_load_rng, finetune=ck.finetune,
         )
     writer = MetricsWriter(log_cfg.tensorboard_dir, enabled=is_logging_rank())
     preempt = _PreemptionFlag(ck.exit_signal_handler)

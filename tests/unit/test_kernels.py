@@ -105,13 +105,62 @@ def test_triton_default_blocks_match_reference():
     _close(lp, reference_linear_logprob(h, w, t), atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 1000])
-def test_reference_forward_fp64_exact(chunk):
+@pytest.mark.parametrize("chunk,vocab_chunk", [(1, 5), (7, 16), (1000, 1000)])
+def test_reference_forward_fp64_exact(chunk, vocab_chunk):
     h, w, t = _inputs(23, 12, 57, dtype=torch.float64, ignore_rows=(0, 9))
-    lp, ent = reference_linear_logprob(h, w, t, entropy=True, chunk_size=chunk)
+    lp, ent = reference_linear_logprob(
+        h, w, t, entropy=True, chunk_size=chunk, vocab_chunk=vocab_chunk
+    )
     elp, eent = _naive(h, w, t, entropy=True)
     _close(lp, elp, atol=1e-12)
     _close(ent, eent, atol=1e-12)
+    _close(reference_linear_logprob(h, w, t, chunk_size=chunk, vocab_chunk=vocab_chunk), elp, atol=1e-12)
+
+
+def test_reference_lagging_shift_rebases_and_redoes_overflowing_blocks():
+    """Logits that jump by ~75 nats (rebase) and then by > 88 nats (exp overflow -> exact redo)."""
+    v = 12
+    w = torch.zeros(v, 1)
+    w[4:8, 0] = 75.0
+    w[8:, 0] = 300.0
+    w[9, 0] = 301.5
+    h = torch.tensor([[1.0], [0.5], [-1.0]])
+    t = torch.tensor([9, 5, 0])
+    stats = reference_shard_stats(h, w, t, False, vocab_chunk=4)
+    z = (h.double() @ w.double().t())
+    _close(stats[:, 0], torch.logsumexp(z, dim=1), atol=1e-4, rtol=1e-6)
+    _close(stats[:, 1], z.gather(1, t[:, None]).squeeze(1), atol=1e-4, rtol=1e-6)
+    lp = reference_linear_logprob(h, w, t, vocab_chunk=4)
+    _close(lp, torch.log_softmax(z, 1).gather(1, t[:, None]).squeeze(1), atol=1e-4)
+
+
+def test_reference_never_materialises_more_than_one_block():
+    """Every tensor the reference creates stays within one logits block (or a gradient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MaxNumel(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.max = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor):
+                    self.max = max(self.max, o.numel())
+            return out
+
+    n, d, v = 96, 4, 300  # N x V = 28800 logits; one block is 16 x 32 = 512
+    h, w, t = _inputs(n, d, v)
+    h.requires_grad_()
+    w.requires_grad_()
+    with MaxNumel() as mode:
+        lp, ent = reference_linear_logprob(h, w, t, entropy=True, chunk_size=16, vocab_chunk=32)
+        (lp + ent).sum().backward()
+    assert mode.max <= max(16 * 32, v * d, n * d), mode.max
+    with MaxNumel() as naive_mode:
+        _naive(h.detach(), w.detach(), t, dtype=torch.float32)
+    assert naive_mode.max >= n * v
 
 
 def test_bf16_inputs_accumulate_in_fp32():
@@ -133,8 +182,9 @@ def test_very_large_logits_do_not_overflow():
     logits = h.double() @ w.double().t()
     assert logits.abs().max() > 5e3
     lp, ent = _triton(h, w, t, entropy=True)
-    rlp, rent = reference_linear_logprob(h, w, t, entropy=True)
+    rlp, rent = reference_linear_logprob(h, w, t, entropy=True, vocab_chunk=16)
     elp, eent = _naive(h, w, t, entropy=True)
+    _close(reference_linear_logprob(h, w, t, vocab_chunk=16), elp, atol=2e-2, rtol=1e-5)
     for a in (lp, ent, rlp, rent):
         assert torch.isfinite(a).all()
     _close(lp, elp, atol=2e-2, rtol=1e-5)
@@ -176,7 +226,9 @@ def test_reference_backward_matches_autograd(with_entropy):
     g = torch.Generator().manual_seed(2)
     ga = torch.randn(n, generator=g)
     gb = torch.randn(n, generator=g) if with_entropy else None
-    fn = lambda hh, ww, tt, **kw: reference_linear_logprob(hh, ww, tt, chunk_size=6, **kw)  # noqa: E731
+    fn = lambda hh, ww, tt, **kw: reference_linear_logprob(  # noqa: E731
+        hh, ww, tt, chunk_size=6, vocab_chunk=10, **kw
+    )
     lp, ent, gh, gw = _our_grads(fn, h, w, t, ga, gb)
     eh, ew = _naive_grads(h, w, t, ga, gb)
     _close(gh, eh, atol=1e-5)
@@ -189,7 +241,7 @@ def test_reference_gradcheck_fp64():
     w.requires_grad_()
 
     def f(hh, ww):
-        lp, ent = reference_linear_logprob(hh, ww, t, entropy=True, chunk_size=4)
+        lp, ent = reference_linear_logprob(hh, ww, t, entropy=True, chunk_size=4, vocab_chunk=3)
         return lp, ent
 
     assert torch.autograd.gradcheck(f, (h, w))

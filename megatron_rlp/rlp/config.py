@@ -1,0 +1,69 @@
+"""RLP's knobs (``--rlp-*`` flags) and their validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_rlp.config import option
+
+
+@dataclass
+class RLPConfig:
+    rlp_num_thoughts: int = option(16, "G: thoughts sampled per context (group size for the advantage).")
+    rlp_thought_len: int = option(2048, "Length cap of a thought in tokens; a thought reaching it is closed by force.")
+    rlp_temperature: float = option(0.7, "Sampling temperature of thoughts (0 = greedy).")
+    rlp_positions_per_doc: int = option(1, "k: positions t sampled per document.")
+    rlp_min_context: int = option(1, "Smallest context length t a position may have.")
+    rlp_positions_file: Optional[str] = option(
+        None, "JSON list (one entry per document of --data-path, in order) of the positions allowed "
+        "for RLP in that document; default: every position >= --rlp-min-context."
+    )
+    rlp_ema_decay: float = option(0.999, "τ of the EMA teacher: φ ← τφ + (1−τ)θ after every step.")
+    rlp_clip_low: float = option(0.2, "ε_low of the clipped surrogate (ratio floor 1 − ε_low).")
+    rlp_clip_high: float = option(0.2, "ε_high of the clipped surrogate (ratio ceiling 1 + ε_high).")
+    rlp_kl_beta: float = option(0.0, "β of a KL term toward the initial model (paper: 0).")
+    rlp_ntp_weight: float = option(0.0, "λ of a next-token term on the context tokens (paper: 0).")
+    rlp_updates_per_batch: int = option(1, "Optimizer steps per sampled batch (θ_old fixed within it).")
+    rlp_baseline_interval: int = option(1, "Run the EMA no-think baseline every N sample batches (monitoring only; the update does not depend on it).")
+    rlp_think_open: str = option("<think>", "Token that opens a thought.")
+    rlp_think_close: str = option("</think>", "Token that closes a thought.")
+    rlp_sampler_micro_batch_size: Optional[int] = option(None, "Rows per decode micro-batch in the thought sampler.")
+
+
+def validate_rlp_config(c: RLPConfig) -> None:
+    """Reject values outside their ranges, naming the flag and the allowed range."""
+    checks = [
+        (c.rlp_num_thoughts >= 2, f"--rlp-num-thoughts must be >= 2 (group-relative advantages need two thoughts); got {c.rlp_num_thoughts}"),
+        (c.rlp_thought_len >= 1, f"--rlp-thought-len must be >= 1; got {c.rlp_thought_len}"),
+        (c.rlp_temperature >= 0, f"--rlp-temperature must be >= 0; got {c.rlp_temperature}"),
+        (c.rlp_positions_per_doc >= 1, f"--rlp-positions-per-doc must be >= 1; got {c.rlp_positions_per_doc}"),
+        (c.rlp_min_context >= 1, f"--rlp-min-context must be >= 1; got {c.rlp_min_context}"),
+        (0.0 < c.rlp_ema_decay < 1.0, f"--rlp-ema-decay must lie in (0, 1); got {c.rlp_ema_decay}"),
+        (0.0 <= c.rlp_clip_low < 1.0, f"--rlp-clip-low must lie in [0, 1); got {c.rlp_clip_low}"),
+        (c.rlp_clip_high >= 0.0, f"--rlp-clip-high must be >= 0; got {c.rlp_clip_high}"),
+        (c.rlp_kl_beta >= 0.0, f"--rlp-kl-beta must be >= 0; got {c.rlp_kl_beta}"),
+        (c.rlp_ntp_weight >= 0.0, f"--rlp-ntp-weight must be >= 0; got {c.rlp_ntp_weight}"),
+        (c.rlp_updates_per_batch >= 1, f"--rlp-updates-per-batch must be >= 1; got {c.rlp_updates_per_batch}"),
+        (c.rlp_baseline_interval >= 1, f"--rlp-baseline-interval must be >= 1; got {c.rlp_baseline_interval}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def resolve_markers(c: RLPConfig, tokenizer) -> tuple[int, int]:
+    """Token ids of the thought markers; each must be a single token of the tokenizer."""
+    ids = []
+    for flag, piece in (("--rlp-think-open", c.rlp_think_open), ("--rlp-think-close", c.rlp_think_close)):
+        idx = tokenizer.token_to_id(piece)
+        if idx is None:
+            raise ValueError(
+                f"{flag} {piece!r} is not a single token of the tokenizer; train the tokenizer with it "
+                "as a user-defined symbol (megatron_rlp.data.tokenizer.train_sentencepiece does) or "
+                f"pick a marker the vocabulary has"
+            )
+        ids.append(idx)
+    if ids[0] == ids[1]:
+        raise ValueError("--rlp-think-open and --rlp-think-close must be different tokens")
+    return ids[0], ids[1]

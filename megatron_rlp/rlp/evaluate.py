@@ -1,0 +1,142 @@
+"""Does thinking help?  The think-vs-no-think gain on held-out text (RLP_SPEC.md, Prop. 3).
+
+For each held-out document and position t, G thoughts are sampled from the model; then
+
+    gain      = log p_θ(x_t | x_<t, c) − log p_θ(x_t | x_<t)     (same model, with vs without)
+    acc_think = [argmax p_θ(· | x_<t, c) == x_t],   acc_plain = [argmax p_θ(· | x_<t) == x_t]
+
+averaged over thoughts and positions within a document, then over documents.  Standard errors
+are over documents (the unit that is resampled), so before/after comparisons can be paired per
+document.  Runs on one model-parallel group (the sampler and the forwards are TP/PP-aware, but the
+scoring here gathers full-vocabulary logits, which is fine for held-out evaluation sizes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_rlp.rlp.step import build_update_sequences
+
+
+@dataclass
+class ThinkingEval:
+    gain: np.ndarray  # [docs] mean over positions and thoughts
+    acc_think: np.ndarray
+    acc_plain: np.ndarray
+    logp_plain: np.ndarray
+    thought_len: float
+    closed_by_model: float  # share of thoughts whose close marker was sampled
+
+    def summary(self) -> dict:
+        def se(x):
+            return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+        return {
+            "docs": int(len(self.gain)),
+            "info_gain": float(self.gain.mean()), "info_gain_se": se(self.gain),
+            "acc_think": float(self.acc_think.mean()), "acc_think_se": se(self.acc_think),
+            "acc_plain": float(self.acc_plain.mean()), "acc_plain_se": se(self.acc_plain),
+            "thought_len_mean": self.thought_len, "closed_by_model_frac": self.closed_by_model,
+        }
+
+
+def paired_change(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of the per-document change after − before."""
+    diff = np.asarray(after) - np.asarray(before)
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
+
+
+@torch.no_grad()
+def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tensor, batch_size: int):
+    """log p(target) and argmax-correctness at the given label slots; last pipeline stage only."""
+    out_lp, out_ok = [], []
+    for start in range(0, tokens.shape[0], batch_size):
+        tok = tokens[start : start + batch_size]
+        pos = torch.arange(tok.shape[1]).expand_as(tok)
+        logits = model(tok, pos, None)
+        if not parallel_state.is_pipeline_last_stage():
+            continue
+        logits = gather_from_tensor_model_parallel_region(logits).float()
+        rows = logits[torch.arange(tok.shape[0])[:, None], slots[start : start + batch_size]]
+        logp = torch.log_softmax(rows, dim=-1)
+        tgt = targets[start : start + batch_size]
+        out_lp.append(logp.gather(-1, tgt[..., None])[..., 0])
+        out_ok.append((rows.argmax(-1) == tgt).float())
+    return out_lp, out_ok
+
+
+@torch.no_grad()
+def evaluate_thinking(
+    model,
+    documents: list[torch.Tensor],
+    positions: list[list[int]],
+    sample_thoughts,
+    num_thoughts: int,
+    thought_len: int,
+    temperature: float,
+    open_id: int,
+    close_id: int,
+    eod_id: int,
+    seed: int,
+    max_sequence_length: int,
+    batch_size: int = 256,
+) -> ThinkingEval:
+    was_training = model.training
+    model.eval()
+    return_hidden = getattr(model, "return_hidden", False)
+    model.return_hidden = False
+    try:
+        thoughts = sample_thoughts(
+            model, documents, positions, num_thoughts=num_thoughts, max_thought_len=thought_len,
+            open_id=open_id, close_id=close_id, eod_id=eod_id, temperature=temperature, seed=seed,
+            max_sequence_length=max_sequence_length,
+        )
+        closed, closed_len = thoughts.closed_tokens(eod_id)
+        seqs = build_update_sequences(documents, thoughts.doc_index, thoughts.position, closed, closed_len,
+                                      thoughts.forced, open_id, eod_id)
+        think_targets = seqs["labels"].gather(1, seqs["target_slot"][:, None])
+        lp_think, ok_think = _score(model, seqs["tokens"], seqs["target_slot"][:, None], think_targets, batch_size)
+
+        # Without a thought: one forward per document, all its positions at once.
+        width = max(len(d) for d in documents) - 1
+        k = max(len(p) for p in positions)
+        tokens = torch.full((len(documents), width), eod_id, dtype=torch.int64)
+        slots = torch.zeros((len(documents), k), dtype=torch.int64)
+        targets = torch.zeros((len(documents), k), dtype=torch.int64)
+        for i, (doc, pos) in enumerate(zip(documents, positions)):
+            tokens[i, : len(doc) - 1] = doc[:-1]
+            p = torch.tensor(pos + [pos[-1]] * (k - len(pos)))
+            slots[i], targets[i] = p - 1, doc[p]
+        lp_plain, ok_plain = _score(model, tokens, slots, targets, batch_size)
+    finally:
+        model.return_hidden = return_hidden
+        model.train(was_training)
+    if not parallel_state.is_pipeline_last_stage():
+        raise RuntimeError("evaluate_thinking reports on the last pipeline stage; call it there")
+
+    g = num_thoughts
+    lp_think = torch.cat(lp_think).view(-1, g)  # [contexts, G]
+    ok_think = torch.cat(ok_think).view(-1, g)
+    lp_plain, ok_plain = torch.cat(lp_plain), torch.cat(ok_plain)  # [docs, k]
+    gains, acc_t, acc_p, lpp = [], [], [], []
+    ctx = 0
+    for i, pos in enumerate(positions):
+        n = len(pos)
+        lt, ot = lp_think[ctx : ctx + n], ok_think[ctx : ctx + n]
+        ctx += n
+        gains.append(float((lt - lp_plain[i, :n, None]).mean()))
+        acc_t.append(float(ot.mean()))
+        acc_p.append(float(ok_plain[i, :n].mean()))
+        lpp.append(float(lp_plain[i, :n].mean()))
+    return ThinkingEval(
+        gain=np.array(gains), acc_think=np.array(acc_t), acc_plain=np.array(acc_p), logp_plain=np.array(lpp),
+        thought_len=float(closed_len.float().mean()),
+        closed_by_model=float((~thoughts.forced).float().mean()),
+    )

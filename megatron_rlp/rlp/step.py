@@ -1,0 +1,469 @@
+"""One RLP iteration (RLP_SPEC.md, Algorithm 1), as the training loop's objective hook.
+
+Before the pipeline schedule (:meth:`RLPObjective.microbatches`):
+  1. documents from the stream; k positions t per document (t >= --rlp-min-context, or from
+     --rlp-positions-file);
+  2. the no-think baseline S_ema = log p̄_φ(x_t | x_<t): one EMA-teacher forward per document,
+     teacher-forced, every --rlp-baseline-interval batches (monitoring only, see below);
+  3. G thoughts per position from the current policy (θ_old = θ) with the KV-cache sampler;
+  4. update sequences (x_<t, <think>, c_i, </think>, x_t); all G branches of a context sit in
+     the same micro-batch.
+Inside the schedule (:meth:`forward_step` / :func:`rlp_loss_func`, last pipeline stage):
+  5. one forward gives, through the fused linear log-prob kernel, S_pred = log p_θ(x_t | …, c_i)
+     (detached) and the log-probs of the sampled thought tokens (with grad);
+  6. rewards r = S_pred − S_ema, advantages A = G/(G−1)(r − r̄), the clipped surrogate over the
+     sampled thought tokens only (a forced close gets no gradient).
+After the optimizer step (:meth:`after_optimizer_step`):
+  7. EMA: φ ← τφ + (1 − τ)θ.
+
+S_ema is the same for all G thoughts of a context, so it cancels from r − r̄: the advantages are
+computed from S_pred alone, which makes the update bitwise independent of the teacher; the
+teacher forward only feeds the reported reward.  With --rlp-updates-per-batch U > 1 one sampled
+batch serves U optimizer steps: the first pass fixes log π_θold and the advantages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_rlp.kernels import linear_logprob
+from megatron_rlp.rlp.config import RLPConfig, resolve_markers, validate_rlp_config
+from megatron_rlp.rlp.ema import EMATeacher
+from megatron_rlp.rlp.objective import group_advantages, rlp_loss
+from megatron_rlp.training.checkpoint import unwrap_model
+
+IGNORE = -100
+
+
+def output_weight(model) -> torch.Tensor:
+    """This rank's vocabulary shard of the output layer (the embedding when tied)."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions and sequences
+# ---------------------------------------------------------------------------------------------
+def sample_positions(
+    length: int, k: int, min_context: int, rng: np.random.Generator, allowed: Optional[list[int]] = None
+) -> list[int]:
+    """k positions t with min_context <= t < length (x_t must exist); sorted."""
+    candidates = [t for t in (allowed if allowed is not None else range(min_context, length)) if min_context <= t < length]
+    if not candidates:
+        return []
+    replace = len(candidates) < k
+    return sorted(int(t) for t in rng.choice(candidates, size=k, replace=replace))
+
+
+def build_update_sequences(
+    documents: list[torch.Tensor],
+    doc_index: torch.Tensor,
+    position: torch.Tensor,
+    closed_tokens: torch.Tensor,
+    closed_lengths: torch.Tensor,
+    forced: torch.Tensor,
+    open_id: int,
+    pad_id: int,
+    width: Optional[int] = None,
+) -> dict:
+    """Right-padded (x_<t, open, c, close, x_t) sequences for N contexts x G thoughts.
+
+    Returns tokens/labels [N*G, S] and index tensors locating, per sequence, the x_t label slot
+    and the labels of the thought tokens ([N*G, L+1], -1 where absent).  ``thought_mask`` marks
+    sampled thought tokens (the close marker counts unless it was forced).  ``width`` pads every
+    micro-batch of a step to one length (pipeline stages exchange fixed-shape activations).
+    """
+    n, g, lmax = closed_tokens.shape
+    rows = []
+    for i in range(n):
+        doc = documents[int(doc_index[i])]
+        t = int(position[i])
+        for j in range(g):
+            m = int(closed_lengths[i, j])
+            seq = torch.cat([doc[:t], torch.tensor([open_id]), closed_tokens[i, j, :m], doc[t : t + 1]])
+            rows.append((seq, t, m, bool(forced[i, j])))
+    width = max(width or 0, max(len(s) for s, *_ in rows) - 1)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.int64)
+    thought_slot = torch.full((len(rows), lmax), -1, dtype=torch.int64)
+    thought_mask = torch.zeros((len(rows), lmax), dtype=torch.bool)
+    target_slot = torch.zeros(len(rows), dtype=torch.int64)
+    context_len = torch.zeros(len(rows), dtype=torch.int64)
+    for r, (seq, t, m, was_forced) in enumerate(rows):
+        tokens[r, : len(seq) - 1] = seq[:-1]
+        labels[r, : len(seq) - 1] = seq[1:]
+        # Label index of thought token u (0-based) is t + u: input at t + u is the token before it.
+        thought_slot[r, :m] = torch.arange(t, t + m)
+        thought_mask[r, :m] = True
+        if was_forced:
+            thought_mask[r, m - 1] = False
+        target_slot[r] = t + m  # predicts x_t after the close marker
+        context_len[r] = t
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "position_ids": torch.arange(width).unsqueeze(0).expand(len(rows), width).contiguous(),
+        "thought_slot": thought_slot,
+        "thought_mask": thought_mask,
+        "target_slot": target_slot,
+        "context_len": context_len,
+    }
+
+
+def _gather_rows(hidden_bsh: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, H], slots [B, K] (-1 = none, gathers slot 0) -> [B, K, H]."""
+    idx = slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden_bsh.shape[-1])
+    return torch.gather(hidden_bsh, 1, idx)
+
+
+def _take(labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    return torch.gather(labels, 1, slots.clamp(min=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss on the last pipeline stage
+# ---------------------------------------------------------------------------------------------
+def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Tensor):
+    """Rewards, advantages and the clipped surrogate of one micro-batch (G branches per context).
+
+    ``output_tensor`` is the model's final hidden states [S, B, H] (the model returns them
+    instead of logits in RLP mode, so log-probs come from the fused kernel).
+    """
+    g = config.rlp_num_thoughts
+    hidden = output_tensor.transpose(0, 1)  # [B, S, H]
+    weight = output_weight(model)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    b = hidden.shape[0]
+
+    # One kernel call: the thought tokens (with grad) and the x_t slot after the thought.
+    slots = torch.cat([batch["thought_slot"], batch["target_slot"][:, None]], dim=1)  # [B, L+2]
+    valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+    targets = torch.where(valid, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
+    rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
+    logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True)
+    logp = logp.view(b, -1)
+    entropy = entropy.view(b, -1)
+    logp_thought, s_pred = logp[:, :-1], logp[:, -1].detach()
+
+    mask = batch["thought_mask"]
+    n_ctx = b // g
+    if "advantages" not in batch:  # first pass over this sample batch fixes θ_old and A
+        batch["advantages"] = group_advantages(s_pred.view(n_ctx, g).float()).reshape(b)
+        batch["logp_old"] = logp_thought.detach()
+        batch["s_pred"] = s_pred
+    advantages = batch["advantages"]
+
+    ntp_kwargs = {}
+    if config.rlp_ntp_weight > 0:
+        ctx_slots = torch.arange(batch["labels"].shape[1]).expand(b, -1)
+        ctx_mask = ctx_slots < batch["context_len"][:, None]
+        ctx_targets = torch.where(ctx_mask, batch["labels"], torch.full_like(batch["labels"], IGNORE))
+        ctx_logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight, ctx_targets.reshape(-1), tp_group)
+        ntp_kwargs = dict(ntp_weight=config.rlp_ntp_weight, ntp_logp=ctx_logp.view(b, -1), ntp_mask=ctx_mask)
+    if config.rlp_kl_beta > 0:
+        ntp_kwargs.update(kl_weight=config.rlp_kl_beta, logp_ref=batch["logp_ref"])
+
+    loss, stats = rlp_loss(
+        logp_thought, batch["logp_old"], advantages, mask, config.rlp_clip_low, config.rlp_clip_high,
+        **ntp_kwargs,
+    )
+
+    maskf = mask.float()
+    n_tok = maskf.sum()
+    ones = torch.tensor(float(b))
+    report = {
+        "rlp loss": torch.stack([loss.detach() * b, ones]),
+        "rlp/clip_frac": torch.stack([stats["clip_frac"] * n_tok, n_tok]),
+        "rlp/ratio_mean": torch.stack([stats["ratio_mean"] * n_tok, n_tok]),
+        "rlp/policy_entropy": torch.stack([(entropy[:, :-1].detach() * maskf).sum(), n_tok]),
+        "rlp/thought_len_mean": torch.stack([batch["closed_len"].float().sum(), ones]),
+        "rlp/forced_close_frac": torch.stack([batch["forced"].float().sum(), ones]),
+        "rlp/advantage_std": torch.stack([advantages.float().view(n_ctx, g).std(dim=1, unbiased=False).sum(), torch.tensor(float(n_ctx))]),
+        "rlp/s_pred": torch.stack([s_pred.float().sum(), ones]),
+        "rlp/sample_logprob_drift": torch.stack([((logp_thought.detach() - batch["logp_sample"]).abs() * maskf).sum(), n_tok]),
+    }
+    if "ntp" in stats:
+        report["rlp/ntp"] = torch.stack([stats["ntp"] * b, ones])
+    if "kl" in stats:
+        report["rlp/kl"] = torch.stack([stats["kl"] * b, ones])
+    if "s_ema" in batch:
+        reward = s_pred.float().view(n_ctx, g) - batch["s_ema"].view(n_ctx, 1)
+        # info_gain: the gain of the thought-averaged predictor, log mean_i p(x_t | c_i) − S_ema.
+        mixture = torch.logsumexp(s_pred.float().view(n_ctx, g), dim=1) - math.log(g)
+        report["rlp/reward_mean"] = torch.stack([reward.sum(), ones])
+        report["rlp/info_gain"] = torch.stack([(mixture - batch["s_ema"]).sum(), torch.tensor(float(n_ctx))])
+        report["rlp/s_ema"] = torch.stack([batch["s_ema"].sum(), torch.tensor(float(n_ctx))])
+        batch["rewards"] = reward.reshape(b)
+    return loss, report
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective hook
+# ---------------------------------------------------------------------------------------------
+ThoughtSource = Callable[..., "object"]  # same signature as megatron_rlp.sampling.sample_thoughts
+
+
+class RLPObjective:
+    name = "rlp"
+
+    def __init__(self, config: RLPConfig, state, tokenizer, stream, thought_source: Optional[ThoughtSource] = None):
+        validate_rlp_config(config)
+        self.config = config
+        self.state = state
+        self.stream = stream
+        self.open_id, self.close_id = resolve_markers(config, tokenizer)
+        self.eod_id = tokenizer.eod
+        self.pad_id = tokenizer.eod
+        self.micro_batch_size = state.run.training.micro_batch_size
+        self.seed = state.run.training.seed
+        self.max_sequence_length = state.preset.max_position_embeddings
+        self.teacher = EMATeacher()
+        self.reference: Optional[EMATeacher] = None  # frozen θ_0 for the optional KL term
+        self.allowed_positions = _read_positions_file(config.rlp_positions_file)
+        if thought_source is None:
+            from megatron_rlp.sampling import sample_thoughts
+
+            thought_source = sample_thoughts
+        self.thought_source = thought_source
+        self.sample_batches = 0
+        self._cached: list[dict] = []
+        self._last_tokens = 0
+        self._last_seq = 1
+        for chunk in self.models:
+            chunk.return_hidden = True
+
+    @property
+    def models(self) -> list:
+        return [unwrap_model(c) for c in self.state.model]
+
+    # -- 1. documents and positions -------------------------------------------------------------
+    def _next_contexts(self, count: int):
+        rng = np.random.default_rng([self.seed, self.stream.cursor.epoch, self.stream.cursor.order_index, 7])
+        docs, positions = [], []
+        while len(docs) < count:
+            order = self.stream._epoch_order(self.stream.cursor.epoch)
+            doc_id = int(order[self.stream.cursor.order_index])
+            tokens = torch.from_numpy(self.stream.next_documents(1, self.max_sequence_length)[0])
+            allowed = self.allowed_positions[doc_id] if self.allowed_positions is not None else None
+            pos = sample_positions(len(tokens), self.config.rlp_positions_per_doc, self.config.rlp_min_context, rng, allowed)
+            if pos:
+                docs.append(tokens)
+                positions.append(pos)
+        return docs, positions
+
+    # -- 2. the no-think baseline ---------------------------------------------------------------
+    def _score_documents(self, docs: list[torch.Tensor], positions: list[list[int]]) -> torch.Tensor:
+        """log p̄_φ(x_t | x_<t) at every position, from one teacher-forced forward per document."""
+        width = max(len(d) for d in docs) - 1
+        batches = []
+        for start in range(0, len(docs), self.micro_batch_size):
+            chunk = list(range(start, min(start + self.micro_batch_size, len(docs))))
+            tokens = torch.full((len(chunk), width), self.pad_id, dtype=torch.int64)
+            slots = torch.full((len(chunk), self.config.rlp_positions_per_doc), 0, dtype=torch.int64)
+            for r, i in enumerate(chunk):
+                tokens[r, : len(docs[i]) - 1] = docs[i][:-1]
+                slots[r] = torch.tensor(positions[i]) - 1
+            targets = torch.stack([docs[i][torch.tensor(positions[i])] for i in chunk])
+            batches.append({"tokens": tokens, "position_ids": torch.arange(width).expand(len(chunk), -1),
+                            "slots": slots, "targets": targets})
+        with self.teacher.swap_into(self.models), torch.no_grad():
+            outputs = self._forward_only(batches, _score_slots_loss)
+        if not parallel_state.is_pipeline_last_stage():
+            return torch.zeros(0)
+        return torch.cat([o["logp"] for o in outputs]).reshape(-1)
+
+    def _forward_only(self, batches: list[dict], loss_fn) -> list[dict]:
+        def step(data_iterator, model):
+            batch = next(data_iterator)
+            out = model(batch["tokens"], batch["position_ids"], None)
+            return out, partial(loss_fn, batch, unwrap_model(model))
+
+        was_training = [m.training for m in self.state.model]
+        for m in self.state.model:
+            m.eval()
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=step, data_iterator=iter(batches), model=self.state.model,
+                num_microbatches=len(batches), seq_length=batches[0]["tokens"].shape[1],
+                micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True,
+            )
+        finally:
+            for m, mode in zip(self.state.model, was_training):
+                m.train(mode)
+
+    # -- the hook the loop calls before the schedule --------------------------------------------
+    def microbatches(self, iteration: int, num_microbatches: int, model_chunks) -> list[dict]:
+        if self.teacher.maybe_initialize(self.models) and self.config.rlp_kl_beta > 0:
+            self.reference = EMATeacher()
+            self.reference.maybe_initialize(self.models)
+        if iteration % self.config.rlp_updates_per_batch and self._cached:
+            return self._cached  # same θ_old, advantages fixed on the first pass
+        self._cached = self._sample_batch(num_microbatches)
+        self.sample_batches += 1
+        return self._cached
+
+    def _sample_batch(self, num_microbatches: int) -> list[dict]:
+        c = self.config
+        g = c.rlp_num_thoughts
+        n_docs = num_microbatches * self.micro_batch_size
+        # Every DP rank reads its own documents: skip the other ranks' share of the stream.
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        shares = [self._next_contexts(n_docs) for _ in range(dp_size)]
+        docs, positions = shares[dp_rank]
+
+        s_ema = None
+        if (self.sample_batches % c.rlp_baseline_interval) == 0:
+            s_ema = self._score_documents(docs, positions)
+
+        thoughts = self.thought_source(
+            self.models[0], docs, positions, num_thoughts=g, max_thought_len=c.rlp_thought_len,
+            open_id=self.open_id, close_id=self.close_id, eod_id=self.eod_id,
+            temperature=c.rlp_temperature, seed=_sample_seed(self.seed, self.sample_batches, dp_rank),
+            max_sequence_length=self.max_sequence_length,
+            micro_batch_size=c.rlp_sampler_micro_batch_size,
+        )
+        closed, closed_len = thoughts.closed_tokens(self.pad_id)
+        # x_<t, open, thought + close, x_t, minus the last token (inputs only).
+        width = int((thoughts.position + closed_len.max(dim=1).values).max()) + 1
+        per_mb = self.micro_batch_size * c.rlp_positions_per_doc  # contexts per micro-batch
+        microbatches = []
+        self._last_tokens = 0
+        for m in range(num_microbatches):
+            ctx = slice(m * per_mb, (m + 1) * per_mb)
+            mb = build_update_sequences(
+                docs, thoughts.doc_index[ctx], thoughts.position[ctx], closed[ctx], closed_len[ctx],
+                thoughts.forced[ctx], self.open_id, self.pad_id, width,
+            )
+            mb["closed_len"] = closed_len[ctx].reshape(-1)
+            mb["forced"] = thoughts.forced[ctx].reshape(-1)
+            sample_lp = torch.zeros_like(mb["thought_mask"], dtype=torch.float32)
+            sample_lp[:, : thoughts.logprobs.shape[-1]] = thoughts.logprobs[ctx].reshape(-1, thoughts.logprobs.shape[-1])
+            mb["logp_sample"] = sample_lp
+            if s_ema is not None and s_ema.numel():
+                mb["s_ema"] = s_ema[ctx].float()
+            microbatches.append(mb)
+            self._last_tokens += mb["tokens"].numel()
+            self._last_seq = mb["tokens"].shape[1]
+        if self.reference is not None:
+            self._score_reference(microbatches)
+        self._last_tokens *= dp_size
+        return microbatches
+
+    def _score_reference(self, microbatches: list[dict]) -> None:
+        """log π_ref of the thought tokens (frozen initial model), for the optional KL term."""
+        with self.reference.swap_into(self.models), torch.no_grad():
+            outputs = self._forward_only(microbatches, _score_thoughts_loss)
+        if parallel_state.is_pipeline_last_stage():
+            for mb, out in zip(microbatches, outputs):
+                mb["logp_ref"] = out["logp"]
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, partial(rlp_loss_func, batch, unwrap_model(model), self.config)
+
+    # -- the hook the loop calls after the optimizer step ---------------------------------------
+    def after_optimizer_step(self, model_chunks, iteration: int) -> dict:
+        self.teacher.update(self.models, self.config.rlp_ema_decay)
+        gap = self.teacher.gap(
+            self.models, group=parallel_state.get_model_parallel_group(),
+            include_replicated=parallel_state.get_tensor_model_parallel_rank() == 0,
+        )
+        return {"rlp/ema_gap": gap}
+
+    def tokens_per_step(self, global_batch_size: int) -> tuple[int, int]:
+        return max(self._last_tokens, 1), self._last_seq
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"cursor": self.stream.state_dict(), "sample_batches": self.sample_batches,
+                "ema_initialized": self.teacher.initialized}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["cursor"])
+        self.sample_batches = int(state.get("sample_batches", 0))
+        self._cached = []
+        if state.get("ema_initialized") and not self.teacher.initialized:
+            self.teacher.maybe_initialize(self.models)  # shadows to load into
+
+    def sharded_state_dict(self, model_sharded_state_dict) -> dict:
+        if not self.teacher.initialized:
+            return {}
+        return _shadow_sharded_state_dict(self.teacher, self.models, model_sharded_state_dict, prefix="ema.")
+
+    def load_sharded_state_dict(self, loaded: dict) -> None:
+        pass  # tensors were loaded in place into the teacher's shadows
+
+
+def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor):
+    hidden = output_tensor.transpose(0, 1)
+    rows = _gather_rows(hidden, batch["slots"]).reshape(-1, hidden.shape[-1])
+    logp = linear_logprob(rows, output_weight(model), batch["targets"].reshape(-1),
+                          parallel_state.get_tensor_model_parallel_group())
+    return torch.zeros((), requires_grad=False), {"logp": logp.detach()}
+
+
+def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor):
+    hidden = output_tensor.transpose(0, 1)
+    slots = batch["thought_slot"]
+    targets = torch.where(slots >= 0, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
+    rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
+    logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
+                          parallel_state.get_tensor_model_parallel_group())
+    return torch.zeros(()), {"logp": logp.detach().view(slots.shape)}
+
+
+def _sample_seed(seed: int, batch_index: int, dp_rank: int) -> int:
+    return (seed * 1_000_003 + batch_index * 9_973 + dp_rank * 101) % (2**31 - 1)
+
+
+def _read_positions_file(path: Optional[str]):
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--rlp-positions-file {path!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--rlp-positions-file {path!r} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(data, list) or not all(isinstance(p, list) for p in data):
+        raise ValueError(f"--rlp-positions-file {path!r} must hold a JSON list of position lists, one per document")
+    return data
+
+
+def _shadow_sharded_state_dict(teacher: EMATeacher, models, model_sd: dict, prefix: str) -> dict:
+    """The teacher's fp32 shadows as ShardedTensors laid out exactly like θ (keys prefixed)."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    by_param = {}
+    for idx, model in enumerate(models):
+        for name, param in model.named_parameters():
+            by_param[param.data_ptr(), tuple(param.shape)] = teacher.shadow(f"{idx}.{name}")
+    out = {}
+    for i, value in enumerate(nested_values(model_sd)):
+        if not isinstance(value, (ShardedTensor, ShardedTensorFactory)):
+            continue
+        shadow = by_param.get((value.data.data_ptr(), tuple(value.data.shape)))
+        if shadow is None:
+            continue
+        changes = {"key": prefix + value.key, "data": shadow}
+        if isinstance(value, ShardedTensor):
+            changes["dtype"] = shadow.dtype
+        out[f"{prefix}{i}"] = dataclasses.replace(value, **changes)
+    return out

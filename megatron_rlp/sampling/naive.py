@@ -1,0 +1,92 @@
+"""The baseline the prefix-sharing sampler is measured against (tools/bench_sampler.py).
+
+What it does, exactly: a loop over the (document, position) contexts; for each, a fresh
+megatron ``StaticInferenceContext`` and one prefill of the G rows ``x_<t + open marker`` (the
+same prefix recomputed for each of the G branches, nothing shared across positions or
+branches), then one-token decode steps for those G rows until they all stop.  Sampling, stopping
+and the returned :class:`ThoughtBatch` are the same as :func:`sample_thoughts` (same noise keys:
+(seed, step, global row id, vocabulary id)), so both samplers draw the same thoughts up to float
+rounding of the logits — the benchmark checks that too.  It runs on any TP/PP layout (at PP > 1 one
+context at a time, so the pipeline is mostly idle: that is part of being naive).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from megatron_rlp.sampling.pipeline import StageInfo, run_pipelined
+from megatron_rlp.sampling.sampler import _check_model, assemble_batch, summary_stats
+from megatron_rlp.sampling.thoughts import ThoughtJob, validate_request
+
+
+def sample_thoughts_naive(
+    model,
+    documents: Sequence[torch.Tensor],
+    positions: Sequence[Sequence[int]],
+    num_thoughts: int,
+    max_thought_len: int,
+    open_id: int,
+    close_id: int,
+    eod_id: Optional[int],
+    temperature: float,
+    seed: int,
+    max_sequence_length: int,
+):
+    """Same arguments and result as :func:`megatron_rlp.sampling.sample_thoughts`, computed
+    without prefix sharing (see module docstring)."""
+    _check_model(model)
+    contexts = validate_request(
+        documents, positions, num_thoughts, max_thought_len, temperature, max_sequence_length,
+        {"open_id": open_id, "close_id": close_id, "eod_id": eod_id},
+        getattr(model, "vocab_size", None),
+    )
+    stage = StageInfo.current()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    t_start = time.perf_counter()
+    jobs, prefill_tokens, forward_calls = [], 0, 0
+    try:
+        with torch.no_grad():
+            for n, (b, t) in enumerate(contexts):
+                g = num_thoughts
+                rows = torch.arange(n * g, (n + 1) * g)
+                prefix = documents[b][:t].to(torch.int64).to(device)[None].expand(g, -1)
+                ctx = StaticInferenceContext(max_batch_size=g, max_sequence_length=t + max_thought_len)
+                ctx.materialize_only_last_token_logits = False
+                job = ThoughtJob(
+                    model, stage, rows, torch.full((g,), t), ctx, t, max_thought_len,
+                    open_id, close_id, eod_id, float(temperature), int(seed), device,
+                    prefix=prefix,
+                )
+                phase = run_pipelined(model, stage, [job], feedback=True)
+                job.context = None  # free the cache; the records stay
+                jobs.append(job)
+                prefill_tokens += g * (t + 1)
+                forward_calls += len(phase.items)
+            batch = assemble_batch(
+                jobs, contexts, num_thoughts, max_thought_len, stage, device,
+                open_id=open_id, close_id=close_id, eod_id=eod_id,
+                temperature=float(temperature), seed=int(seed),
+            )
+    finally:
+        model.train(was_training)
+    total_s = time.perf_counter() - t_start
+    stats = summary_stats(batch)
+    stats.update(
+        {
+            "contexts": len(contexts),
+            "rows": len(contexts) * num_thoughts,
+            "prefill_tokens": prefill_tokens,
+            "forward_calls": forward_calls,
+            "total_s": total_s,
+            "tokens_per_s": stats["thought_tokens"] / max(total_s, 1e-9),
+        }
+    )
+    batch.stats = stats
+    return batch

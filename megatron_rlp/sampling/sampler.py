@@ -1,0 +1,437 @@
+"""Thought sampling with the training model itself: one prefill per document, G branches at each
+of k positions, tensor- and pipeline-parallel, inside megatron-core.
+
+What happens in :func:`sample_thoughts` (every rank of the model-parallel group calls it with the
+same inputs):
+
+1. **Prefill** (:class:`~megatron_rlp.sampling.thoughts.PrefillJob`): each document is run once,
+   up to its largest sampled position, with megatron's ``StaticInferenceContext`` KV cache.  The
+   cache of x_<t for any position t of that document is then its first t slots — no prefix is
+   recomputed per position or per thought.  (Hybrid models: see ``PrefillJob`` for the Mamba
+   states.)
+2. **Fork**: the rows (context n, branch g) are grouped into micro-batches; each micro-batch gets
+   its own inference context, built from the prefill caches: attention K/V of x_<t copied into the
+   last t slots before the micro-batch's alignment slot A (keys are cached before RoPE, so the
+   shift keeps every query-key distance), Mamba conv/SSM states copied from the snapshot at t;
+   then megatron_rlp.models.hybrid.fork_inference_state fans each context out into its G branches.
+3. **Decode** (:class:`~megatron_rlp.sampling.thoughts.ThoughtJob`): the open marker as a
+   one-token step at slot A, then one token per step for all branches of the micro-batch
+   together; a per-row mask hides the slots before each row's context.  A branch stops at the
+   close marker or EOD (both sampled thought tokens); at ``max_thought_len`` sampled tokens the
+   close is forced (not a sampled token).  Sampling is the vocab-parallel Gumbel-max of
+   :mod:`megatron_rlp.sampling.vocab_parallel`: logits stay vocabulary-sharded, noise is keyed by
+   (seed, step, global row id, global vocabulary id), one all-gather of five numbers per row.
+4. **Pipeline** (:mod:`megatron_rlp.sampling.pipeline`): stages pass [s, b, h] hidden states
+   forward with point-to-point sends; only token ids and a "still running" flag return from the
+   last stage; micro-batches keep the stages busy concurrently; the result (ids, log-probs,
+   lengths, flags) is broadcast from the last stage to every stage at the end.
+
+megatron-core pieces used, and where this differs (0.16.1):
+
+* ``StaticInferenceContext`` is the KV cache: megatron's attention allocates the
+  [max_seq, max_batch, groups, dim] buffers and writes rows ``batch_size_offset : +b`` at slots
+  ``sequence_len_offset : +s``; we build the forked contexts' buffers ourselves (same layout) and
+  keep ``batch_size_offset`` at 0.  At ``sequence_len_offset > 0`` megatron switches the attention
+  to ``no_mask``; megatron's local ``DotProductAttention`` still applies an explicit
+  ``attention_mask``, which is how rows with shorter contexts mask their leading slots.  A core
+  attention that ignores the mask at decode (Transformer Engine's, with ``no_mask``) is detected,
+  and then micro-batches only hold rows of equal context length (no padding, no mask needed).
+* ``materialize_only_last_token_logits`` is irrelevant here: the last stage returns final hidden
+  states (see ``pipeline.final_hidden_states``) and the sampler applies the vocab-parallel output
+  layer to the last token itself.
+* Sequence parallelism is not supported for sampling (a one-token step cannot be split over the
+  sequence); models built with it are rejected.
+
+Determinism: greedy thoughts are the same at every TP/PP layout for the same weights (up to
+logit ties within float rounding); at any temperature all TP ranks hold identical tokens (the
+winner is picked from the same gathered table on every rank).  Pass a different ``seed`` per
+data-parallel rank (and per iteration); the noise does not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from megatron_rlp.models.hybrid import fork_inference_state, inference_state_layout
+from megatron_rlp.sampling.pipeline import StageInfo, run_pipelined
+from megatron_rlp.sampling.thoughts import (
+    STOP_CLOSE,
+    STOP_EOD,
+    STOP_LENGTH,
+    PrefillJob,
+    ThoughtBatch,
+    ThoughtJob,
+    TreeThoughtJob,
+    validate_request,
+)
+
+__all__ = ["sample_thoughts", "model_traits", "assemble_batch"]
+
+
+def model_traits(model, stage: StageInfo) -> tuple[bool, bool]:
+    """(attention honours an explicit mask at decode, the model has Mamba layers), agreed over
+    the pipeline group so every stage plans the same micro-batches."""
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+    from megatron.core.transformer.attention import Attention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    masks_ignored = any(
+        isinstance(m, Attention) and not isinstance(m.core_attention, DotProductAttention)
+        for m in model.modules()
+    )
+    has_mamba = any(isinstance(m, MambaMixer) for m in model.modules())
+    flags = torch.tensor([int(masks_ignored), int(has_mamba)], dtype=torch.int64)
+    if stage.pp_size > 1:
+        flags = flags.to(next(model.parameters()).device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=stage.pp_group)
+    return not bool(flags[0]), bool(flags[1])
+
+
+def _check_model(model) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("sample_thoughts needs the bare megatron model of this stage (unwrap DDP)")
+    if config.sequence_parallel:
+        raise ValueError(
+            "thought sampling does not support sequence parallelism (a one-token decode step "
+            "cannot be split along the sequence); sample with a model built without it"
+        )
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _plan_prefill(contexts, stage: StageInfo) -> list[list[int]]:
+    """Documents (those with positions), longest last, in ``pp_size`` groups at PP > 1."""
+    longest: dict[int, int] = {}
+    for b, t in contexts:
+        longest[b] = max(longest.get(b, 0), t)
+    docs = sorted(longest, key=lambda b: (longest[b], b))
+    per = len(docs) if stage.pp_size == 1 else math.ceil(len(docs) / stage.pp_size)
+    return [[docs[i] for i in r] for r in _chunks(len(docs), per)]
+
+
+def _plan_contexts(contexts, per_batch: int, uniform_t: bool) -> list[list[int]]:
+    """Micro-batches of context ids, ordered by position so a micro-batch pads little; with
+    ``uniform_t`` a micro-batch never mixes context lengths."""
+    order = sorted(range(len(contexts)), key=lambda n: (contexts[n][1], n))
+    plans, current = [], []
+    for n in order:
+        t = contexts[n][1]
+        if current and (len(current) == per_batch or (uniform_t and contexts[current[-1]][1] != t)):
+            plans.append(current)
+            current = []
+        current.append(n)
+    if current:
+        plans.append(current)
+    return plans
+
+
+def _plan_rows(contexts, num_thoughts: int, micro_batch_size: int, uniform_t: bool):
+    """Micro-batches of rows (n * G + g), contexts ordered by position; a context's branches may
+    be split over micro-batches when ``micro_batch_size`` is not a multiple of G."""
+    order = [n for plan in _plan_contexts(contexts, len(contexts), uniform_t) for n in plan]
+    rows = [n * num_thoughts + g for n in order for g in range(num_thoughts)]
+    plans, current = [], []
+    for r in rows:
+        t = contexts[r // num_thoughts][1]
+        if current and (
+            len(current) == micro_batch_size
+            or (uniform_t and contexts[current[-1] // num_thoughts][1] != t)
+        ):
+            plans.append(current)
+            current = []
+        current.append(r)
+    if current:
+        plans.append(current)
+    return plans
+
+
+def _branch_context(model, state_kinds, roots, branch_root, prefill_of, align, max_len, device):
+    """An inference context built from the prefill caches (see module docstring, step 2): one row
+    per context in ``roots``, then (when ``branch_root`` is given) one row per branch."""
+    ctx = StaticInferenceContext(max_batch_size=len(roots), max_sequence_length=max_len)
+    ctx.materialize_only_last_token_logits = False
+    for layer, kind in state_kinds.items():
+        if kind == "attention":
+            job0 = prefill_of[roots[0]][0]
+            k0, _ = job0.context.key_value_memory_dict[layer]
+            key = torch.zeros(max_len, len(roots), *k0.shape[2:], dtype=k0.dtype, device=device)
+            value = torch.zeros_like(key)
+            for i, n in enumerate(roots):
+                job, row, t = prefill_of[n]
+                src_k, src_v = job.context.key_value_memory_dict[layer]
+                key[align - t : align, i] = src_k[:t, row]
+                value[align - t : align, i] = src_v[:t, row]
+            ctx.key_value_memory_dict[layer] = (key, value)
+        else:
+            conv = torch.stack([prefill_of[n][0].snapshots[n][layer][0] for n in roots])
+            ssm = torch.stack([prefill_of[n][0].snapshots[n][layer][1] for n in roots])
+            ctx.key_value_memory_dict[layer] = (conv, ssm)
+    ctx.sequence_len_offset = align
+    if branch_root is not None and state_kinds:
+        fork_inference_state(model, ctx, branch_root)
+        ctx.max_batch_size = len(branch_root)
+    return ctx
+
+
+def assemble_batch(
+    jobs: list,
+    contexts: list[tuple[int, int]],
+    num_thoughts: int,
+    max_thought_len: int,
+    stage: StageInfo,
+    device: torch.device,
+    **meta,
+) -> ThoughtBatch:
+    """Collect the last stage's per-job records into a ThoughtBatch and broadcast it to all
+    pipeline stages (one fp64 broadcast)."""
+    n, g, length = len(contexts), num_thoughts, max_thought_len
+    rows = n * g
+    packed = torch.zeros(rows, 3 * length + 2, dtype=torch.float64, device=device)
+    if stage.is_last:
+        for job in jobs:
+            rec = job.recorder
+            idx = rec.rows
+            packed[idx, :length] = rec.tokens.double()
+            packed[idx, length : 2 * length] = rec.logprobs.double()
+            packed[idx, 2 * length : 3 * length] = rec.tempered.double()
+            packed[idx, 3 * length] = rec.lengths.double()
+            packed[idx, 3 * length + 1] = rec.stop.double()
+    if stage.pp_size > 1:
+        dist.broadcast(packed, src=stage.last_rank, group=stage.pp_group)
+    tokens = packed[:, :length].round().long().view(n, g, length)
+    stop = packed[:, 3 * length + 1].round().long().view(n, g)
+    return ThoughtBatch(
+        tokens=tokens,
+        logprobs=packed[:, length : 2 * length].float().view(n, g, length),
+        tempered_logprobs=packed[:, 2 * length : 3 * length].float().view(n, g, length),
+        lengths=packed[:, 3 * length].round().long().view(n, g),
+        forced=stop != STOP_CLOSE,
+        stop_reason=stop,
+        doc_index=torch.tensor([b for b, _ in contexts], dtype=torch.int64, device=device),
+        position=torch.tensor([t for _, t in contexts], dtype=torch.int64, device=device),
+        **meta,
+    )
+
+
+def summary_stats(batch: ThoughtBatch) -> dict:
+    lengths = batch.lengths.double()
+    return {
+        "thought_tokens": int(batch.lengths.sum()),
+        "mean_thought_len": float(lengths.mean()),
+        "forced_close_frac": float(batch.forced.double().mean()),
+        "eod_frac": float((batch.stop_reason == STOP_EOD).double().mean()),
+        "length_cap_frac": float((batch.stop_reason == STOP_LENGTH).double().mean()),
+    }
+
+
+def sample_thoughts(
+    model,
+    documents: Sequence[torch.Tensor],
+    positions: Sequence[Sequence[int]],
+    num_thoughts: int,
+    max_thought_len: int,
+    open_id: int,
+    close_id: int,
+    eod_id: Optional[int],
+    temperature: float,
+    seed: int,
+    max_sequence_length: int,
+    micro_batch_size: Optional[int] = None,
+    layout: str = "auto",
+) -> ThoughtBatch:
+    """Sample ``num_thoughts`` (G) thoughts at every position of every document.
+
+    ``model``: the bare megatron GPTModel / MambaModel of this pipeline stage (put in eval mode
+    here, its train/eval mode restored after).  ``documents[b]``: 1-D token ids; ``positions[b]``:
+    the positions t of that document (context x_<t = document[:t], the thought is inserted before
+    x_t; 1 <= t <= len - 1).  ``max_thought_len`` (L) caps the sampled tokens of a thought.
+    ``temperature`` 0 is greedy.  ``max_sequence_length``: x_<t + open + L + close + x_t must fit.
+    ``micro_batch_size``: rows (branches) per decode micro-batch; default all rows at PP=1 and
+    ``ceil(rows / pp)`` at PP > 1 (the "tree" layout takes ``micro_batch_size // G`` contexts, by
+    default ``ceil(contexts / pp)``).
+    ``layout``: "tree" (one cache row per context, branches as query tokens: prefix shared in
+    decode; GPT models whose attention honours the mask), "rows" (one cache row per branch;
+    required for Mamba layers) or "auto" (the cheaper by :func:`decode_cost` where both work).
+    Returns the same :class:`ThoughtBatch` on every rank of the
+    model-parallel group; ``.stats`` holds timings, token counts and the pipeline bubble.
+    """
+    _check_model(model)
+    vocab_size = getattr(model, "vocab_size", None)
+    contexts = validate_request(
+        documents,
+        positions,
+        num_thoughts,
+        max_thought_len,
+        temperature,
+        max_sequence_length,
+        {"open_id": open_id, "close_id": close_id, "eod_id": eod_id},
+        vocab_size,
+    )
+    if layout not in ("auto", "tree", "rows"):
+        raise ValueError(f"layout must be 'auto', 'tree' or 'rows', got {layout!r}")
+    if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size < 1):
+        raise ValueError(f"micro_batch_size must be an integer >= 1, got {micro_batch_size!r}")
+    stage = StageInfo.current()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    t_start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            masks_ok, has_mamba = model_traits(model, stage)
+            state_kinds = inference_state_layout(model)
+            mamba_layers = [layer for layer, kind in state_kinds.items() if kind == "mamba"]
+            contexts_of_doc: dict[int, list[tuple[int, int]]] = {}
+            for n, (b, t) in enumerate(contexts):
+                contexts_of_doc.setdefault(b, []).append((n, t))
+
+            prefill_jobs = [
+                PrefillJob(docs, documents, contexts_of_doc, has_mamba, mamba_layers, device)
+                for docs in _plan_prefill(contexts, stage)
+            ]
+            prefill = run_pipelined(model, stage, prefill_jobs, feedback=False)
+            prefill_of = {}
+            for job in prefill_jobs:
+                for b in job.docs:
+                    for n, t in contexts_of_doc[b]:
+                        prefill_of[n] = (job, job.row_of_doc[b], t)
+
+            t_fork = time.perf_counter()
+            rows_total = len(contexts) * num_thoughts
+            mbs = micro_batch_size or (
+                rows_total if stage.pp_size == 1 else math.ceil(rows_total / stage.pp_size)
+            )
+            chosen = _choose_layout(
+                layout, masks_ok, has_mamba, contexts, num_thoughts, max_thought_len
+            )
+            decode_jobs = []
+            common = (max_thought_len, open_id, close_id, eod_id, float(temperature), int(seed), device)
+            if chosen == "tree":
+                per = (
+                    max(1, micro_batch_size // num_thoughts)
+                    if micro_batch_size
+                    else math.ceil(len(contexts) / stage.pp_size)
+                )
+                for plan in _plan_contexts(contexts, per, uniform_t=False):
+                    lengths = torch.tensor([contexts[n][1] for n in plan])
+                    align = int(lengths.max())
+                    max_len = TreeThoughtJob.cache_length(align, num_thoughts, max_thought_len)
+                    ctx = _branch_context(
+                        model, state_kinds, plan, None, prefill_of, align, max_len, device
+                    )
+                    decode_jobs.append(
+                        TreeThoughtJob(
+                            model, stage, plan, lengths, ctx, align, num_thoughts, *common
+                        )
+                    )
+            else:
+                for plan in _plan_rows(contexts, num_thoughts, mbs, uniform_t=not masks_ok):
+                    roots = list(dict.fromkeys(r // num_thoughts for r in plan))
+                    where = {n: i for i, n in enumerate(roots)}
+                    branch_root = torch.tensor(
+                        [where[r // num_thoughts] for r in plan], device=device
+                    )
+                    lengths = torch.tensor([contexts[r // num_thoughts][1] for r in plan])
+                    align = int(lengths.max())
+                    ctx = _branch_context(
+                        model, state_kinds, roots, branch_root, prefill_of, align,
+                        align + max_thought_len, device,
+                    )
+                    decode_jobs.append(
+                        ThoughtJob(model, stage, torch.tensor(plan), lengths, ctx, align, *common)
+                    )
+            for job in prefill_jobs:  # the forked contexts hold copies; free the prefill caches
+                job.context = None
+                job.snapshots = {}
+            fork_s = time.perf_counter() - t_fork
+
+            decode = run_pipelined(model, stage, decode_jobs, feedback=True)
+            batch = assemble_batch(
+                decode_jobs, contexts, num_thoughts, max_thought_len, stage, device,
+                open_id=open_id, close_id=close_id, eod_id=eod_id,
+                temperature=float(temperature), seed=int(seed),
+            )
+    finally:
+        model.train(was_training)
+    total_s = time.perf_counter() - t_start
+    stats = summary_stats(batch)
+    padded_slots = sum(int(job.pad_start.sum()) for job in decode_jobs)
+    stats.update(
+        {
+            "contexts": len(contexts),
+            "rows": len(contexts) * num_thoughts,
+            "prefill_tokens": sum(job.tokens_fed for job in prefill_jobs),
+            "prefill_microbatches": len(prefill_jobs),
+            "prefill_forwards": len(prefill.items),
+            "decode_microbatches": len(decode_jobs),
+            "decode_steps": len(decode.items),
+            "padded_context_slots": padded_slots,
+            "kv_slot_reads": sum(job.kv_slot_reads for job in decode_jobs),
+            "masked_decode": masks_ok,
+            "layout": chosen,
+            "prefill_s": prefill.seconds,
+            "fork_s": fork_s,
+            "decode_s": decode.seconds,
+            "total_s": total_s,
+            "tokens_per_s": stats["thought_tokens"] / max(total_s, 1e-9),
+            "pipeline_stages": stage.pp_size,
+            "prefill_bubble": prefill.bubble,
+            "decode_bubble": decode.bubble,
+            "bubble": _combined_bubble(prefill, decode),
+            "recv_wait_s": prefill.recv_wait_s + decode.recv_wait_s,
+        }
+    )
+    batch.stats = stats
+    return batch
+
+
+def _choose_layout(layout: str, masks_ok: bool, has_mamba: bool, contexts, g: int, length: int) -> str:
+    """The decode layout: "tree" needs an attention-only model whose attention applies the mask.
+    "auto" picks the one with the smaller estimated attention work (:func:`decode_cost`)."""
+    tree_ok = masks_ok and not has_mamba
+    if layout == "tree" and not tree_ok:
+        raise ValueError(
+            "the 'tree' decode layout needs an attention-only model whose core attention applies "
+            "an explicit mask at decode (megatron's local DotProductAttention); use 'rows'"
+        )
+    if layout != "auto":
+        return layout
+    if not tree_ok:
+        return "rows"
+    ts = [t for _, t in contexts]
+    return "tree" if decode_cost("tree", ts, g, length) <= decode_cost("rows", ts, g, length) else "rows"
+
+
+def decode_cost(layout: str, context_lengths, g: int, length: int) -> float:
+    """Estimated attention work of decoding (arbitrary units), summed over steps and contexts.
+
+    Per step, megatron's static attention rotates, GQA-expands and reads the whole cached K/V of
+    each cache row (about four passes over the slots) and forms one score per query and slot.
+    rows: G cache rows of t + u slots, one query each -> 5 G (t + u).
+    tree: one cache row of t + uG slots, G queries -> (4 + G)(t + uG).
+    Summed over u < L: rows 5G (tL + L^2/2), tree (4+G)(tL + G L^2/2).  Tree wins for long
+    contexts and short thoughts (the benchmark's setting); rows for thoughts much longer than the
+    context (the suffix of all G branches is read by every branch in the tree layout).
+    """
+    lsq = length * length / 2.0
+    if layout == "rows":
+        return sum(5.0 * g * (t * length + lsq) for t in context_lengths)
+    return sum((4.0 + g) * (t * length + g * lsq) for t in context_lengths)
+
+
+def _combined_bubble(*phases) -> float:
+    """Idle fraction of the stage-steps of several phases run one after the other."""
+    ticks = sum(p.ticks for p in phases)
+    if ticks == 0:
+        return 0.0
+    return 1.0 - sum(len(p.items) for p in phases) / ticks

@@ -1,0 +1,449 @@
+"""The thought batch, input validation, and the two kinds of micro-batch jobs the sampler runs.
+
+See :mod:`megatron_rlp.sampling.sampler` for how they fit together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from megatron_rlp.sampling.pipeline import StageInfo, StepInput, rope_table, vocab_shard_logits
+from megatron_rlp.sampling.vocab_parallel import sample_vocab_parallel
+
+STOP_CLOSE = 0  # the close marker was sampled (it is the last thought token and gets gradient)
+STOP_EOD = 1  # end-of-document was sampled (last thought token); the close is appended by force
+STOP_LENGTH = 2  # the length cap was reached; the close is appended by force
+PAD_ID = -1  # padding of ThoughtBatch.tokens beyond a thought's length
+
+
+@dataclass
+class ThoughtBatch:
+    """G thoughts for each of N (document, position) contexts; rows are ordered as the caller's
+    ``positions`` (document by document, then position by position).
+
+    Token and log-prob tensors are [N, G, L] (L = ``max_thought_len``), left-aligned; entries past
+    ``lengths`` are padding (``PAD_ID`` tokens, 0 log-probs).
+    """
+
+    tokens: torch.Tensor
+    """[N, G, L] int64: the *sampled* thought tokens.  A sampled close marker (or EOD) is the last
+    of them and counts as a thought token; a forced close is not stored here."""
+    logprobs: torch.Tensor
+    """[N, G, L] fp32: log p_θ(token | x_<t, open, earlier thought tokens) — the model's untempered
+    log-probability (logits / 1).  Use this as log π_θold in the RLP ratio."""
+    tempered_logprobs: torch.Tensor
+    """[N, G, L] fp32: log-probability under softmax(logits / T), the distribution actually
+    sampled from (0 when greedy: a point mass)."""
+    lengths: torch.Tensor
+    """[N, G] int64: number of sampled thought tokens, 1..L."""
+    forced: torch.Tensor
+    """[N, G] bool: the close marker was not sampled (length cap or EOD) and must be appended by
+    force; the forced close is not a sampled token (no log-prob, no gradient)."""
+    stop_reason: torch.Tensor
+    """[N, G] int64: STOP_CLOSE, STOP_EOD or STOP_LENGTH."""
+    doc_index: torch.Tensor
+    """[N] int64: the document of each context."""
+    position: torch.Tensor
+    """[N] int64: the position t of each context (context x_<t = document[:t], target document[t])."""
+    open_id: int
+    close_id: int
+    eod_id: Optional[int]
+    temperature: float
+    seed: int
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def num_contexts(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_thoughts(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def max_thought_len(self) -> int:
+        return self.tokens.shape[2]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[N, G, L] bool: which entries are sampled thought tokens."""
+        steps = torch.arange(self.max_thought_len, device=self.lengths.device)
+        return steps < self.lengths[..., None]
+
+    def closed_tokens(self, pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N, G, L+1] tokens, [N, G] lengths): every thought ending with a close marker — the
+        sampled one, or the forced one appended after the sampled tokens — padded with
+        ``pad_id``.  This is the part between the open marker and x_t of an update sequence."""
+        n, g, length = self.tokens.shape
+        out = torch.full((n, g, length + 1), pad_id, dtype=torch.int64, device=self.tokens.device)
+        out[..., :length] = torch.where(self.mask, self.tokens, torch.full_like(self.tokens, pad_id))
+        forced_at = self.lengths.clamp(max=length)
+        closing = torch.full_like(self.lengths, self.close_id)
+        current = out.gather(-1, forced_at[..., None])[..., 0]
+        out.scatter_(-1, forced_at[..., None], torch.where(self.forced, closing, current)[..., None])
+        return out, self.lengths + self.forced.long()
+
+
+def validate_request(
+    documents: Sequence[torch.Tensor],
+    positions: Sequence[Sequence[int]],
+    num_thoughts: int,
+    max_thought_len: int,
+    temperature: float,
+    max_sequence_length: int,
+    token_ids: dict,
+    vocab_size: Optional[int],
+) -> list[tuple[int, int]]:
+    """Check a sampling request; returns the (document, position) contexts in order."""
+    if not isinstance(num_thoughts, int) or num_thoughts < 1:
+        raise ValueError(f"num_thoughts (G) must be an integer >= 1, got {num_thoughts!r}")
+    if not isinstance(max_thought_len, int) or max_thought_len < 1:
+        raise ValueError(f"max_thought_len must be an integer >= 1, got {max_thought_len!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if len(positions) != len(documents):
+        raise ValueError(
+            f"positions has {len(positions)} lists for {len(documents)} documents; give one list "
+            "of positions per document"
+        )
+    for name, value in token_ids.items():
+        if value is None:
+            continue
+        if not isinstance(value, int) or value < 0 or (vocab_size is not None and value >= vocab_size):
+            raise ValueError(f"{name} {value!r} is not a token id of the {vocab_size}-token vocabulary")
+    contexts = []
+    for b, (doc, pos) in enumerate(zip(documents, positions)):
+        if not torch.is_tensor(doc) or doc.dim() != 1:
+            raise ValueError(f"document {b} must be a 1-D tensor of token ids")
+        n = doc.numel()
+        for t in pos:
+            t = int(t)
+            if t < 1 or t > n - 1:
+                raise ValueError(
+                    f"position {t} of document {b} is outside the document: a position t needs "
+                    f"a non-empty context x_<t and a target x_t, so 1 <= t <= {n - 1} for this "
+                    f"{n}-token document"
+                )
+            need = t + max_thought_len + 3
+            if need > max_sequence_length:
+                raise ValueError(
+                    f"document {b}, position {t}: a prefix of {t} tokens plus a thought of up to "
+                    f"max_thought_len={max_thought_len} tokens (with the open and close markers "
+                    f"and the target: {need} tokens) is longer than the maximum sequence length "
+                    f"{max_sequence_length}"
+                )
+            contexts.append((b, t))
+    if not contexts:
+        raise ValueError("no positions given: nothing to sample")
+    return contexts
+
+
+class PrefillJob:
+    """Prefill a micro-batch of documents once.
+
+    GPT: one call over document[:P] (P = the largest position of these documents; shorter
+    documents are padded on the right, which causal attention never reads back).  Afterwards the
+    KV cache of x_<t of every context is the first t slots of its document's row.
+
+    Hybrid (Mamba layers): a Mamba layer keeps only the state after the last token it consumed, so
+    the call covers document[:t_min] and the remaining tokens up to P are consumed one per call
+    (megatron's mixer decodes one token per call at a non-zero offset); after the token t-1 the
+    Mamba states of each context at position t are copied out (on every stage, for its layers).
+    """
+
+    def __init__(
+        self,
+        docs: list[int],
+        documents: Sequence[torch.Tensor],
+        contexts_of_doc: dict[int, list[tuple[int, int]]],
+        stepping: bool,
+        mamba_layers: list[int],
+        device: torch.device,
+    ):
+        self.docs = docs
+        ts = [t for b in docs for _, t in contexts_of_doc[b]]
+        self.length = max(ts)
+        self.first = min(ts) if stepping else self.length
+        tokens = torch.zeros(len(docs), self.length, dtype=torch.int64)
+        for i, b in enumerate(docs):
+            n = min(documents[b].numel(), self.length)
+            tokens[i, :n] = documents[b][:n].to(torch.int64)
+        self.tokens = tokens.to(device)
+        self.batch_size = len(docs)
+        self.num_steps = 1 + self.length - self.first
+        self.active = True
+        self.context = StaticInferenceContext(self.batch_size, self.length)
+        self.context.materialize_only_last_token_logits = False
+        self.mamba_layers = mamba_layers
+        self.row_of_doc = {b: i for i, b in enumerate(docs)}
+        self.snap_at: dict[int, list[tuple[int, int]]] = {}
+        for b in docs:
+            for n, t in contexts_of_doc[b]:
+                self.snap_at.setdefault(t, []).append((n, self.row_of_doc[b]))
+        self.snapshots: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.device = device
+
+    @property
+    def tokens_fed(self) -> int:
+        return self.batch_size * self.length
+
+    def step_input(self, step: int) -> StepInput:
+        b = self.batch_size
+        if step == 0:
+            ids = self.tokens[:, : self.first]
+            pos = torch.arange(self.first, device=self.device).expand(b, -1)
+            return StepInput(ids, pos, None, self.first)
+        slot = self.first + step - 1
+        pos = torch.full((b, 1), slot, dtype=torch.int64, device=self.device)
+        return StepInput(self.tokens[:, slot : slot + 1], pos, None, 1)
+
+    def after_forward(self, step: int) -> None:
+        consumed = self.first + step
+        for n, row in self.snap_at.get(consumed, []):
+            states = self.snapshots.setdefault(n, {})
+            for layer in self.mamba_layers:
+                conv, ssm = self.context.key_value_memory_dict[layer]
+                states[layer] = (conv[row].clone(), ssm[row].clone())
+
+    def on_output(self, step: int, hidden: torch.Tensor):
+        return None
+
+    def on_feedback(self, step: int, ids: torch.Tensor, active: bool) -> None:
+        raise AssertionError("prefill jobs take no feedback")
+
+
+class ThoughtRecorder:
+    """Samples the next token of every row of a decode micro-batch and records the thoughts
+    (meaningful on the last pipeline stage, where the logits are)."""
+
+    def __init__(self, model, stage: StageInfo, rows: torch.Tensor, max_thought_len: int,
+                 close_id: int, eod_id: Optional[int], temperature: float, seed: int,
+                 device: torch.device):
+        self.model, self.stage = model, stage
+        self.rows = rows.to(device)
+        self.close_id, self.eod_id = close_id, eod_id
+        self.temperature, self.seed = temperature, seed
+        self.num_steps = max_thought_len
+        b, length = rows.numel(), max_thought_len
+        self.tokens = torch.full((b, length), PAD_ID, dtype=torch.int64, device=device)
+        self.logprobs = torch.zeros(b, length, dtype=torch.float32, device=device)
+        self.tempered = torch.zeros(b, length, dtype=torch.float32, device=device)
+        self.lengths = torch.zeros(b, dtype=torch.int64, device=device)
+        self.stop = torch.full((b,), -1, dtype=torch.int64, device=device)
+        self.done = torch.zeros(b, dtype=torch.bool, device=device)
+        self.vocab_size = getattr(model, "vocab_size", None)
+
+    def record(self, step: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [rows, h] of ``step`` -> sampled tokens [rows]."""
+        logits = vocab_shard_logits(self.model, hidden)
+        s = sample_vocab_parallel(
+            logits, self.temperature, self.seed, step, self.rows,
+            tp_group=self.stage.tp_group, vocab_size=self.vocab_size,
+        )
+        live = ~self.done
+        self.tokens[live, step] = s.tokens[live]
+        self.logprobs[live, step] = s.logprobs[live]
+        self.tempered[live, step] = s.tempered_logprobs[live]
+        self.lengths += live.long()
+        closed = live & (s.tokens == self.close_id)
+        ended = live & ~closed
+        if self.eod_id is not None:
+            ended &= s.tokens == self.eod_id
+        else:
+            ended &= torch.zeros_like(ended)
+        self.stop[closed] = STOP_CLOSE
+        self.stop[ended] = STOP_EOD
+        self.done |= closed | ended
+        if step == self.num_steps - 1:
+            self.stop[~self.done] = STOP_LENGTH
+            self.done[:] = True
+        return s.tokens
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+
+class ThoughtJob:
+    """Decode a micro-batch with one cache row per branch ("rows" layout).
+
+    All rows share one cache offset: a row whose context has t tokens holds them right-aligned in
+    slots [A-t, A) (A = the longest context of the micro-batch), the open marker goes to slot A,
+    thought token u to slot A+u.  Slots before A-t are masked per row.  megatron keeps keys in the
+    cache before RoPE and rotates the whole cached prefix by slot at every step, so a uniform shift
+    of a row keeps every query-key distance, i.e. the same attention as without the shift.
+
+    With ``prefix`` (the naive sampler) step 0 is instead a fresh prefill of x_<t + open marker.
+    """
+
+    def __init__(
+        self,
+        model,
+        stage: StageInfo,
+        rows: torch.Tensor,
+        context_lengths: torch.Tensor,
+        context: StaticInferenceContext,
+        align: int,
+        max_thought_len: int,
+        open_id: int,
+        close_id: int,
+        eod_id: Optional[int],
+        temperature: float,
+        seed: int,
+        device: torch.device,
+        prefix: Optional[torch.Tensor] = None,
+    ):
+        self.recorder = ThoughtRecorder(
+            model, stage, rows, max_thought_len, close_id, eod_id, temperature, seed, device
+        )
+        self.batch_size = self.feedback_size = rows.numel()
+        self.context = context
+        self.align = align
+        self.num_steps = max_thought_len
+        self.open_id = open_id
+        self.device = device
+        self.prefix = prefix
+        self.active = True
+        self.pad_start = (align - context_lengths.to(device)).to(torch.int64)
+        self.need_mask = bool((self.pad_start > 0).any())
+        self.next_ids: Optional[torch.Tensor] = None
+        self.kv_slot_reads = 0  # sum over executed steps of cache rows x slots attended
+        self.rope_table = None  # slot j = position j (up to each row's uniform shift)
+
+    def step_input(self, step: int) -> StepInput:
+        b = self.batch_size
+        slot = self.align + step
+        self.kv_slot_reads += b * (slot + 1)
+        if step == 0 and self.prefix is not None:
+            opener = torch.full((b, 1), self.open_id, dtype=torch.int64, device=self.device)
+            ids = torch.cat([self.prefix.to(self.device), opener], dim=1)
+            pos = torch.arange(slot + 1, device=self.device).expand(b, -1)
+            return StepInput(ids, pos, None, slot + 1)
+        if step == 0:
+            ids = torch.full((b, 1), self.open_id, dtype=torch.int64, device=self.device)
+        else:
+            ids = self.next_ids[:, None]
+        pos = torch.full((b, 1), slot, dtype=torch.int64, device=self.device)
+        mask = None
+        if self.need_mask:
+            keys = torch.arange(slot + 1, device=self.device)
+            mask = (keys[None, :] < self.pad_start[:, None])[:, None, None, :]
+        return StepInput(ids, pos, mask, 1)
+
+    def after_forward(self, step: int) -> None:
+        return None
+
+    def on_output(self, step: int, hidden: torch.Tensor) -> torch.Tensor:
+        tokens = self.recorder.record(step, hidden[-1])
+        self.active = not self.recorder.all_done
+        self.next_ids = tokens
+        return tokens
+
+    def on_feedback(self, step: int, ids: torch.Tensor, active: bool) -> None:
+        self.next_ids = ids.clone()
+        self.active = active
+
+
+class TreeThoughtJob:
+    """Decode a micro-batch with one cache row per *context* ("tree" layout, prefix shared).
+
+    Row n of the cache holds x_<t right-aligned in slots [A-t, A) and the open marker at slot A,
+    once for all G branches; decode step u >= 1 feeds the G branches' token u together as G query
+    tokens at slots A+1+(u-1)G .. A+uG.  The attention mask lets branch g see its context, the
+    open marker and its own earlier tokens only; a RoPE table maps each slot to its position in
+    the branch's own sequence (slot A+1+(u-1)G+g -> position A+u), so every query-key distance is
+    the one of the plain sequence (x_<t, open, c_1..c_u).  The prefix keys/values are stored,
+    rotated and read once per context instead of once per branch, and step 0 (the open marker)
+    runs once per context: the first thought token of the G branches is drawn G times from the
+    same distribution, with different noise.
+    """
+
+    def __init__(
+        self,
+        model,
+        stage: StageInfo,
+        contexts: list[int],
+        context_lengths: torch.Tensor,
+        context: StaticInferenceContext,
+        align: int,
+        num_thoughts: int,
+        max_thought_len: int,
+        open_id: int,
+        close_id: int,
+        eod_id: Optional[int],
+        temperature: float,
+        seed: int,
+        device: torch.device,
+    ):
+        g = num_thoughts
+        rows = torch.tensor([n * g + j for n in contexts for j in range(g)], dtype=torch.int64)
+        self.recorder = ThoughtRecorder(
+            model, stage, rows, max_thought_len, close_id, eod_id, temperature, seed, device
+        )
+        self.num_thoughts = g
+        self.batch_size = len(contexts)
+        self.feedback_size = rows.numel()
+        self.context = context
+        self.align = align
+        self.num_steps = max_thought_len
+        self.open_id = open_id
+        self.device = device
+        self.active = True
+        self.pad_start = (align - context_lengths.to(device)).to(torch.int64)
+        self.next_ids: Optional[torch.Tensor] = None
+        self.kv_slot_reads = 0
+        slots = torch.arange(context.max_sequence_length, device=device)
+        positions = torch.where(
+            slots <= align, slots, align + 1 + torch.div(slots - align - 1, g, rounding_mode="floor")
+        )
+        self.rope_table = rope_table(model, positions)
+
+    @staticmethod
+    def cache_length(align: int, num_thoughts: int, max_thought_len: int) -> int:
+        """Slots a context needs: x_<t, the open marker, tokens 1..L-1 of G branches."""
+        return align + 1 + (max_thought_len - 1) * num_thoughts
+
+    def step_input(self, step: int) -> StepInput:
+        c, g, a = self.batch_size, self.num_thoughts, self.align
+        if step == 0:
+            ids = torch.full((c, 1), self.open_id, dtype=torch.int64, device=self.device)
+            keys = torch.arange(a + 1, device=self.device)
+            mask = (keys[None, :] < self.pad_start[:, None])[:, None, None, :]
+            pos = torch.full((c, 1), a, dtype=torch.int64, device=self.device)
+            self.kv_slot_reads += c * (a + 1)
+            return StepInput(ids, pos, mask, 1)
+        base = a + 1 + (step - 1) * g
+        keys = torch.arange(base + g, device=self.device)
+        prefix_blocked = keys[None, :] < self.pad_start[:, None]  # [C, K]
+        branch_of_key = torch.remainder(keys - a - 1, g)
+        branch = torch.arange(g, device=self.device)
+        other_branch = (keys[None, :] > a) & (branch_of_key[None, :] != branch[:, None])  # [G, K]
+        mask = prefix_blocked[:, None, None, :] | other_branch[None, None, :, :]
+        ids = self.next_ids.view(c, g)
+        pos = torch.full((c, g), a + step, dtype=torch.int64, device=self.device)
+        self.kv_slot_reads += c * (base + g)
+        return StepInput(ids, pos, mask, g)
+
+    def after_forward(self, step: int) -> None:
+        return None
+
+    def on_output(self, step: int, hidden: torch.Tensor) -> torch.Tensor:
+        g = self.num_thoughts
+        if step == 0:
+            rows_hidden = hidden[-1].repeat_interleave(g, dim=0)  # [C*G, h]
+        else:
+            rows_hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [C*G, h]
+        tokens = self.recorder.record(step, rows_hidden)
+        self.active = not self.recorder.all_done
+        self.next_ids = tokens
+        return tokens
+
+    def on_feedback(self, step: int, ids: torch.Tensor, active: bool) -> None:
+        self.next_ids = ids.clone()
+        self.active = active

@@ -1,0 +1,193 @@
+"""One RLP iteration through the megatron path vs the independent plain-PyTorch reference.
+
+Shared by tests/unit (TP=1) and tests/distributed (TP=2, PP=2): the same given thoughts, the same
+weights (layout-invariant init), Adam without weight decay or clipping on both sides.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from megatron_rlp.models.hf_qwen3 import shard_megatron_state_dict, slice_pipeline_stage
+from megatron_rlp.rlp.config import RLPConfig
+from megatron_rlp.rlp.step import RLPObjective
+from megatron_rlp.sampling.thoughts import STOP_CLOSE, STOP_LENGTH, ThoughtBatch
+from megatron_rlp.training import loop, parallel
+from megatron_rlp.training.checkpoint import unwrap_model
+from megatron_rlp.training.loop import RunConfig
+from megatron_rlp.data.documents import DocumentStream, open_indexed_dataset
+from reference.rlp_reference import (
+    RefConfig,
+    RefDecoderLM,
+    load_from_megatron_state_dict,
+    megatron_state_dict_from_reference,
+    reference_rlp_iteration,
+)
+
+OPEN, CLOSE, EOD = 501, 502, 500
+G = 3
+LR = 0.5
+
+
+class MarkerTokenizer:
+    eod = EOD
+
+    def token_to_id(self, piece):
+        return {"<think>": OPEN, "</think>": CLOSE}.get(piece)
+
+
+def given_thoughts(num_contexts: int, cap: int = 4):
+    """Deterministic thoughts (without markers) and which ones were closed by force."""
+    gen = torch.Generator().manual_seed(5)
+    thoughts, forced = [], []
+    for c in range(num_contexts):
+        row_t, row_f = [], []
+        for i in range(G):
+            n = int(torch.randint(1, cap + 1, (1,), generator=gen))
+            row_t.append(torch.randint(0, 400, (n,), generator=gen).tolist())
+            row_f.append(n == cap)  # hit the cap: the close marker is forced
+        thoughts.append(row_t)
+        forced.append(row_f)
+    return thoughts, forced
+
+
+class GivenThoughtSource:
+    """A thought source that returns fixed thoughts (the step must not care who sampled them)."""
+
+    def __init__(self, thoughts, forced, cap):
+        self.thoughts, self.forced, self.cap = thoughts, forced, cap
+        self.calls = []
+
+    def __call__(self, model, documents, positions, num_thoughts, max_thought_len, open_id, close_id, eod_id,
+                 temperature, seed, max_sequence_length, micro_batch_size=None):
+        self.calls.append(([d.clone() for d in documents], [list(p) for p in positions]))
+        contexts = [(b, t) for b, pos in enumerate(positions) for t in pos]
+        n, length = len(contexts), self.cap
+        tokens = torch.zeros(n, num_thoughts, length, dtype=torch.int64)
+        lengths = torch.zeros(n, num_thoughts, dtype=torch.int64)
+        forced = torch.zeros(n, num_thoughts, dtype=torch.bool)
+        for c in range(n):
+            for i in range(num_thoughts):
+                seq = list(self.thoughts[c][i]) + ([] if self.forced[c][i] else [close_id])
+                tokens[c, i, : len(seq)] = torch.tensor(seq)
+                lengths[c, i] = len(seq)
+                forced[c, i] = self.forced[c][i]
+        return ThoughtBatch(
+            tokens=tokens, logprobs=torch.zeros(n, num_thoughts, length), tempered_logprobs=torch.zeros(n, num_thoughts, length),
+            lengths=lengths, forced=forced, stop_reason=torch.where(forced, STOP_LENGTH, STOP_CLOSE),
+            doc_index=torch.tensor([b for b, _ in contexts]), position=torch.tensor([t for _, t in contexts]),
+            open_id=open_id, close_id=close_id, eod_id=eod_id, temperature=temperature, seed=seed,
+        )
+
+
+def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noise: float = 0.0,
+               skip_baseline: bool = False):
+    """Returns (megatron results, reference results, local shard of the reference tensors)."""
+    run = RunConfig()
+    run.model.model_preset, run.model.num_layers, run.model.layout_invariant_init = "tiny", 2, True
+    run.model.untie_embeddings_and_output_weights = not tie
+    run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size = tp, pp
+    t = run.training
+    t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, 2, 1, LR, 3
+    # SGD: Adam's first step is lr * sign(g), which turns 1e-9 gradient noise into lr-sized steps.
+    t.weight_decay, t.clip_grad, t.lr_decay_style, t.optimizer, t.sgd_momentum = 0.0, 0.0, "constant", "sgd", 0.0
+    rlp = RLPConfig(rlp_num_thoughts=G, rlp_thought_len=4, rlp_positions_per_doc=2, rlp_min_context=3,
+                    rlp_ema_decay=0.9, rlp_clip_low=0.2, rlp_clip_high=0.28,
+                    rlp_baseline_interval=1000 if skip_baseline else 1)
+    preset = loop.resolve_preset(run.model)
+    state = loop.setup(run, preset)
+    stream = DocumentStream(open_indexed_dataset(data_prefix), preset.vocab_size, seed=3, shuffle=False)
+    thoughts, forced = given_thoughts(4, cap=rlp.rlp_thought_len)
+    source = GivenThoughtSource(thoughts, forced, rlp.rlp_thought_len)
+    objective = RLPObjective(rlp, state, MarkerTokenizer(), stream, thought_source=source)
+    model = unwrap_model(state.model[0])
+    if skip_baseline:
+        objective.sample_batches = 1  # 1 % 1000 != 0: no teacher forward in this batch
+    if teacher_noise:
+        objective.teacher.maybe_initialize(objective.models)
+        gen = torch.Generator().manual_seed(11)
+        for name, _ in model.named_parameters():
+            shadow = objective.teacher.shadow(f"0.{name}")
+            shadow.add_(teacher_noise * torch.randn(shadow.shape, generator=gen))
+
+    # Full weights on every rank (gathered through a TP=1-equivalent init: layout-invariant).
+    full = _full_state_dict(model, tp, pp, preset)
+    captured = {}
+    orig_step = state.optimizer.step
+
+    def step_and_capture():
+        captured["grads"] = {n: p.main_grad.detach().clone() for n, p in model.named_parameters()}
+        return orig_step()
+
+    state.optimizer.step = step_and_capture
+    history = loop.train(state, objective)
+    mega = {
+        "loss": history[0]["rlp loss"],
+        "reward_mean": history[0].get("rlp/reward_mean"),
+        "grads": captured["grads"],
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "ema": {n: objective.teacher.shadow(f"0.{n}") for n, _ in model.named_parameters()},
+        "microbatches": objective._cached,
+        "last_stage": state.model[0].module.post_process if hasattr(state.model[0].module, "post_process") else model.post_process,
+    }
+
+    # The reference: same weights, same contexts, same thoughts.
+    cfg = RefConfig(vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, ffn_hidden_size=preset.ffn_hidden_size,
+                    num_layers=preset.num_layers, num_heads=preset.num_attention_heads,
+                    num_query_groups=preset.num_query_groups, head_dim=preset.kv_channels,
+                    rotary_base=preset.rotary_base, norm_eps=preset.norm_epsilon, tie_embeddings=tie)
+    ref = RefDecoderLM(cfg)
+    load_from_megatron_state_dict(ref, full, num_query_groups=preset.num_query_groups,
+                                  num_heads=preset.num_attention_heads, head_dim=preset.kv_channels)
+    optimizer = torch.optim.SGD(ref.parameters(), lr=LR)
+    docs, positions = source.calls[0]
+    contexts, next_tokens = [], []
+    for d, pos in zip(docs, positions):
+        for p in pos:
+            contexts.append(d[:p].tolist())
+            next_tokens.append(int(d[p]))
+    out = reference_rlp_iteration(ref, None, optimizer, contexts, thoughts, next_tokens, OPEN, CLOSE, G,
+                                  rlp.rlp_clip_low, rlp.rlp_clip_high, rlp.rlp_ema_decay, forced_mask=forced)
+    reference = {
+        "loss": float(out["loss"]),
+        "rewards": out["rewards"],
+        "advantages": out["advantages"],
+        "grads": _local(megatron_state_dict_from_reference(out["grads"], cfg), tp, pp, preset, tie),
+        "params": _local(megatron_state_dict_from_reference(out["params"], cfg), tp, pp, preset, tie),
+        "ema": _local(megatron_state_dict_from_reference(out["ema_params"], cfg), tp, pp, preset, tie),
+    }
+    parallel.destroy()
+    return mega, reference
+
+
+def _full_state_dict(model, tp, pp, preset):
+    """The unsharded (TP=1, PP=1) state dict, gathered from every rank's shard."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_rlp.models.hf_qwen3 import gather_megatron_state_dict, merge_pipeline_stages
+
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if tp > 1:
+        shards = [None] * tp
+        dist.all_gather_object(shards, sd, group=ps.get_tensor_model_parallel_group())
+        sd = gather_megatron_state_dict(shards)
+    if pp > 1:
+        stages = [None] * pp
+        dist.all_gather_object(stages, sd, group=ps.get_pipeline_model_parallel_group())
+        sd = merge_pipeline_stages(stages, preset.num_layers, preset.tie_embeddings)
+    return sd
+
+
+def _local(full: dict, tp: int, pp: int, preset, tie: bool) -> dict:
+    from megatron.core import parallel_state as ps
+
+    sd = full
+    if pp > 1:
+        sd = slice_pipeline_stage(sd, ps.get_pipeline_model_parallel_rank(), pp, preset.num_layers, tie)
+    if tp > 1:
+        sd = shard_megatron_state_dict(sd, ps.get_tensor_model_parallel_rank(), tp, preset.num_query_groups)
+    return sd

@@ -1,0 +1,110 @@
+"""The megatron RLP iteration against the independent reference (TP=1), and its invariants."""
+
+import os
+
+import pytest
+import torch
+
+from megatron_rlp.rlp.config import RLPConfig, resolve_markers, validate_rlp_config
+from megatron_rlp.rlp.step import build_update_sequences, sample_positions
+from training_fixtures import write_corpus
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(str(tmp_path_factory.mktemp("rlp") / "corpus"), num_docs=16, seed=4)
+
+
+def _close(a, b, what, tol=TOL):
+    a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
+    diff = (a - b).abs().max().item()
+    assert diff <= tol * max(1.0, b.abs().max().item()), f"{what}: max |diff| {diff:.3e}"
+
+
+def check_against_reference(mega, ref, check_stage_values=True):
+    if mega["last_stage"]:
+        _close(mega["loss"], ref["loss"], "loss")
+        rewards = torch.cat([mb["rewards"] for mb in mega["microbatches"]])
+        advantages = torch.cat([mb["advantages"] for mb in mega["microbatches"]])
+        _close(rewards, ref["rewards"].reshape(-1), "rewards")
+        _close(advantages, ref["advantages"].reshape(-1), "advantages")
+    for what in ("grads", "params", "ema"):
+        assert set(mega[what]) == set(ref[what]), f"{what}: names differ"
+        for name, value in mega[what].items():
+            _close(value, ref[what][name], f"{what} {name}")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_one_iteration_matches_reference_tp1(corpus, tie):
+    from rlp_parity import run_parity
+
+    mega, ref = run_parity(corpus, tp=1, pp=1, tie=tie)
+    check_against_reference(mega, ref)
+    assert any(v.abs().max() > 0 for v in mega["grads"].values())
+
+
+def test_update_does_not_depend_on_the_teacher(corpus):
+    """S_ema cancels from the group advantage: the gradients are bitwise the same whatever the
+    teacher holds, and whether or not its forward runs (--rlp-baseline-interval)."""
+    from rlp_parity import run_parity
+
+    base, _ = run_parity(corpus, tp=1, pp=1)
+    noisy, _ = run_parity(corpus, tp=1, pp=1, teacher_noise=0.5)
+    skipped, _ = run_parity(corpus, tp=1, pp=1, skip_baseline=True)
+    assert all("s_ema" in mb for mb in base["microbatches"])
+    assert not any("s_ema" in mb for mb in skipped["microbatches"])
+    assert noisy["reward_mean"] != pytest.approx(base["reward_mean"], abs=1e-3)
+    assert skipped["reward_mean"] is None
+    for name in base["grads"]:
+        assert torch.equal(base["grads"][name], noisy["grads"][name]), name
+        assert torch.equal(base["grads"][name], skipped["grads"][name]), name
+
+
+def test_positions_and_sequences():
+    rng = __import__("numpy").random.default_rng(0)
+    assert sample_positions(10, 3, 4, rng) == sorted(sample_positions(10, 3, 4, __import__("numpy").random.default_rng(0)))
+    assert all(4 <= t < 10 for t in sample_positions(10, 3, 4, rng))
+    assert sample_positions(3, 2, 4, rng) == []
+    assert sample_positions(10, 2, 1, rng, allowed=[5]) == [5, 5]
+
+    doc = torch.arange(10, 20)
+    closed = torch.tensor([[[7, 8, 99, 0], [99, 0, 0, 0]]])  # thought "7 8" + close; empty thought + close
+    seqs = build_update_sequences([doc], torch.tensor([0]), torch.tensor([4]), closed, torch.tensor([[3, 1]]),
+                                  torch.tensor([[False, True]]), open_id=98, pad_id=0)
+    # Row 0: 10 11 12 13 <98> 7 8 99 | x_t = 14
+    assert seqs["tokens"][0, :8].tolist() == [10, 11, 12, 13, 98, 7, 8, 99]
+    assert seqs["labels"][0, :8].tolist() == [11, 12, 13, 98, 7, 8, 99, 14]
+    assert seqs["thought_slot"][0, :3].tolist() == [4, 5, 6]
+    assert seqs["target_slot"].tolist() == [7, 5]
+    assert seqs["labels"][1, 5].item() == 14
+    # A forced close gets no gradient; a sampled close does.
+    assert seqs["thought_mask"].tolist() == [[True, True, True, False], [False, False, False, False]]
+
+
+class _Tok:
+    eod = 0
+
+    def token_to_id(self, piece):
+        return {"<think>": 1}.get(piece)
+
+
+@pytest.mark.parametrize("field,value,flag", [
+    ("rlp_num_thoughts", 1, "--rlp-num-thoughts"),
+    ("rlp_ema_decay", 1.0, "--rlp-ema-decay"),
+    ("rlp_ema_decay", 0.0, "--rlp-ema-decay"),
+    ("rlp_thought_len", 0, "--rlp-thought-len"),
+    ("rlp_positions_per_doc", 0, "--rlp-positions-per-doc"),
+    ("rlp_updates_per_batch", 0, "--rlp-updates-per-batch"),
+    ("rlp_baseline_interval", 0, "--rlp-baseline-interval"),
+])
+def test_invalid_flags_are_rejected(field, value, flag):
+    config = RLPConfig(**{field: value})
+    with pytest.raises(ValueError, match=flag):
+        validate_rlp_config(config)
+
+
+def test_marker_missing_from_tokenizer():
+    with pytest.raises(ValueError, match=r"--rlp-think-close '</think>' is not a single token"):
+        resolve_markers(RLPConfig(), _Tok())

@@ -1,0 +1,349 @@
+"""Thought sampler at TP=1 (one process): vocab-parallel Gumbel-max, cached decoding against a
+plain full forward, both decode layouts against the naive sampler, stopping, micro-batching,
+the hybrid (Mamba) model, and input validation."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_rlp.models.builder import build_model, transformer_config
+from megatron_rlp.models.init import initialize_layout_invariant
+from megatron_rlp.models.presets import get_preset
+from megatron_rlp.sampling import (
+    PAD_ID,
+    STOP_CLOSE,
+    STOP_EOD,
+    STOP_LENGTH,
+    gumbel_noise,
+    log_ratio_stats,
+    sample_thoughts,
+    sample_thoughts_naive,
+    sample_vocab_parallel,
+    thought_ratio_stats,
+    uniform_noise,
+)
+from megatron_rlp.sampling import sampler as sampler_module
+from megatron_rlp.sampling.pipeline import schedule_bubble
+from megatron_rlp.training import parallel
+
+GPT = get_preset("tiny").replace(tie_embeddings=False, num_layers=2)
+HYBRID = get_preset("tiny-hybrid")
+OPEN, CLOSE, EOD = 509, 510, 511
+MAX_LEN = 128
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: more threads only contend on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models():
+    parallel.init_distributed()
+    parallel.init_model_parallel(1, 1)
+    parallel.set_seed(1234)
+    built = {}
+    for preset in (GPT, HYBRID):
+        model = build_model(preset, transformer_config(preset))
+        initialize_layout_invariant(model, 7, preset.num_layers)
+        built[preset.family] = model
+    yield built
+    parallel.destroy()
+
+
+def _docs(seed=0, lengths=(30, 21, 26)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 500, (n,), generator=g) for n in lengths]
+
+
+POSITIONS = [[5, 17, 9], [12], [3, 25]]
+
+
+def _sample(model, docs=None, positions=POSITIONS, g=3, length=6, temperature=0.8, seed=11, **kw):
+    docs = _docs() if docs is None else docs
+    args = dict(close_id=CLOSE, eod_id=EOD, open_id=OPEN)
+    args.update({k: kw.pop(k) for k in list(kw) if k in args})
+    return sample_thoughts(
+        model, docs, positions, g, length, temperature=temperature, seed=seed,
+        max_sequence_length=MAX_LEN, **args, **kw,
+    )
+
+
+def _full_forward_logits(model, docs, batch):
+    """Plain forward (no cache) over every (x_<t, open, sampled tokens) sequence: [N, G, L, V]."""
+    n, g, length = batch.tokens.shape
+    seqs, starts = [], []
+    for i in range(n):
+        b, t = int(batch.doc_index[i]), int(batch.position[i])
+        for j in range(g):
+            thought = torch.where(batch.mask[i, j], batch.tokens[i, j], torch.zeros_like(batch.tokens[i, j]))
+            seqs.append(torch.cat([docs[b][:t], torch.tensor([batch.open_id]), thought]))
+            starts.append(t)
+    width = max(s.numel() for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.int64)  # right padding: causal, never read
+    for r, s in enumerate(seqs):
+        ids[r, : s.numel()] = s
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids, torch.arange(width).expand(len(seqs), -1), None).float()
+    out = torch.stack([logits[r, s : s + length] for r, s in enumerate(starts)])
+    return out.view(n, g, length, -1)
+
+
+def _check_against_full_forward(model, docs, batch, tol=1e-4):
+    logits = _full_forward_logits(model, docs, batch)
+    tokens = batch.tokens.clamp(min=0)[..., None]
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens)[..., 0]
+    mask = batch.mask
+    diff = (logp - batch.logprobs).abs()[mask]
+    assert diff.max() <= tol, diff.max()
+    if batch.temperature > 0:
+        tempered = torch.log_softmax(logits / batch.temperature, -1).gather(-1, tokens)[..., 0]
+        assert (tempered - batch.tempered_logprobs).abs()[mask].max() <= tol
+    else:
+        assert torch.equal(batch.tokens[mask], logits.argmax(-1)[mask])
+        assert batch.tempered_logprobs.abs().max() == 0
+    assert (batch.logprobs[~mask] == 0).all() and (batch.tokens[~mask] == PAD_ID).all()
+    stats = thought_ratio_stats(logp, batch)
+    assert stats["tokens"] == int(mask.sum()) and stats["abs_log_ratio_max"] <= tol
+    return logp
+
+
+# ------------------------------------------------------------------- vocab-parallel sampling
+
+
+def test_noise_is_a_function_of_global_vocab_id():
+    rows = torch.tensor([0, 1, 7, 123456])
+    full = uniform_noise(5, 3, rows, 0, 512)
+    assert torch.equal(full[:, 256:], uniform_noise(5, 3, rows, 256, 256))
+    assert torch.equal(full[:, 100:300], uniform_noise(5, 3, rows, 100, 200))
+    assert torch.equal(full[2:3], uniform_noise(5, 3, rows[2:3], 0, 512))  # independent of batch
+    for other in (uniform_noise(6, 3, rows, 0, 512), uniform_noise(5, 4, rows, 0, 512)):
+        assert (other != full).float().mean() > 0.99
+    assert (full[0] != full[1]).float().mean() > 0.99
+    big = uniform_noise(1, 0, torch.arange(200), 0, 1000)
+    assert 0 < big.min() and big.max() < 1
+    assert abs(big.mean().item() - 0.5) < 0.005 and abs(big.var().item() - 1 / 12) < 0.002
+    gumbel = gumbel_noise(1, 0, torch.arange(200), 0, 1000).double()
+    assert abs(gumbel.mean().item() - 0.5772) < 0.02  # Euler-Mascheroni
+    assert abs(gumbel.var().item() - math.pi**2 / 6) < 0.05
+
+
+def test_gumbel_max_samples_the_tempered_softmax():
+    z = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, 1.5])
+    temperature, rows = 0.7, 40000
+    out = sample_vocab_parallel(z.expand(rows, -1), temperature, seed=3, step=0, rows=torch.arange(rows))
+    probs = torch.softmax(z / temperature, -1)
+    freq = torch.bincount(out.tokens, minlength=6).double() / rows
+    assert (freq - probs.double()).abs().max() < 0.01  # 4 standard errors
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(z, -1)[out.tokens])
+    torch.testing.assert_close(out.tempered_logprobs, torch.log_softmax(z / temperature, -1)[out.tokens])
+    # Same keys, same draws; another step draws differently.
+    again = sample_vocab_parallel(z.expand(rows, -1), temperature, 3, 0, torch.arange(rows))
+    assert torch.equal(again.tokens, out.tokens)
+    other = sample_vocab_parallel(z.expand(rows, -1), temperature, 3, 1, torch.arange(rows))
+    assert (other.tokens != out.tokens).float().mean() > 0.3
+
+
+def test_greedy_ties_and_padded_vocabulary():
+    z = torch.tensor([[0.0, 3.0, 3.0, 1.0], [5.0, 1.0, 2.0, 9.0]])
+    out = sample_vocab_parallel(z, 0.0, 0, 0, torch.arange(2))
+    assert out.tokens.tolist() == [1, 3]  # lowest id on a tie
+    assert torch.equal(out.tempered_logprobs, torch.zeros(2))
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(z, -1).gather(-1, out.tokens[:, None])[:, 0])
+    # ids >= vocab_size (padding) are never drawn and do not count in the normaliser
+    capped = sample_vocab_parallel(z, 0.0, 0, 0, torch.arange(2), vocab_size=3)
+    assert capped.tokens.tolist() == [1, 0]
+    torch.testing.assert_close(capped.logprobs, torch.log_softmax(z[:, :3], -1).gather(-1, capped.tokens[:, None])[:, 0])
+    hot = sample_vocab_parallel(z.repeat(500, 1), 2.0, 0, 0, torch.arange(1000), vocab_size=3)
+    assert hot.tokens.max() < 3
+
+
+def test_schedule_bubble():
+    assert schedule_bubble([(0, u) for u in range(5)], 1, True) == (5, 0.0)
+    ticks, bubble = schedule_bubble([(0, u) for u in range(6)], 2, True)
+    assert (ticks, bubble) == (12, 0.5)  # one micro-batch: the stages take turns
+    items = [(m, u) for u in range(6) for m in range(2)]
+    ticks, bubble = schedule_bubble(items, 2, True)
+    assert ticks == 13 and math.isclose(bubble, 1 / 13)  # M = S: only fill and drain
+    ticks, bubble = schedule_bubble([(0, 0), (1, 0)], 2, False)
+    assert ticks == 3 and math.isclose(bubble, 1 / 3)
+
+
+def test_log_ratio_stats():
+    a = torch.tensor([[-1.0, -2.0, -3.0]])
+    b = torch.tensor([[-1.5, -2.0, -2.0]])
+    stats = log_ratio_stats(a, b, torch.tensor([[True, True, False]]))
+    assert stats["tokens"] == 2
+    assert math.isclose(stats["abs_log_ratio_mean"], 0.25)
+    assert math.isclose(stats["abs_log_ratio_max"], 0.5)
+    assert math.isclose(stats["log_ratio_mean"], 0.25)
+    assert math.isclose(stats["ratio_max"], math.exp(0.5))
+    assert log_ratio_stats(a, b, torch.zeros(1, 3, dtype=torch.bool))["tokens"] == 0
+    with pytest.raises(ValueError, match="shapes differ"):
+        log_ratio_stats(a, b[:, :2])
+
+
+# ------------------------------------------------------------------------------ the sampler
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_cached_sampling_matches_full_forward_and_naive(models, temperature):
+    model = models["gpt"]
+    docs = _docs()
+    model.train()
+    tree = _sample(model, docs, temperature=temperature, layout="tree")
+    assert model.training  # train mode restored
+    rows = _sample(model, docs, temperature=temperature, layout="rows")
+    naive = sample_thoughts_naive(
+        model, docs, POSITIONS, 3, 6, OPEN, CLOSE, EOD, temperature, 11, MAX_LEN
+    )
+    assert tree.stats["layout"] == "tree" and rows.stats["layout"] == "rows"
+    assert tree.tokens.shape == (6, 3, 6)
+    assert tree.doc_index.tolist() == [0, 0, 0, 1, 2, 2]
+    assert tree.position.tolist() == [5, 17, 9, 12, 3, 25]
+    for other in (rows, naive):
+        assert torch.equal(other.tokens, tree.tokens)
+        assert torch.equal(other.lengths, tree.lengths)
+        torch.testing.assert_close(other.logprobs, tree.logprobs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(other.tempered_logprobs, tree.tempered_logprobs, atol=1e-5, rtol=0)
+    _check_against_full_forward(model, docs, tree)
+    # one prefill per document, up to its largest position
+    assert tree.stats["prefill_tokens"] == 3 * 25 and naive.stats["prefill_tokens"] == 3 * (5 + 17 + 9 + 12 + 3 + 25 + 6)
+    if temperature > 0:
+        assert (tree.tokens[:, 0] != tree.tokens[:, 1]).any()  # branches differ
+        again = _sample(model, docs, temperature=temperature)
+        assert torch.equal(again.tokens, tree.tokens)  # same seed, same thoughts
+        other_seed = _sample(model, docs, temperature=temperature, seed=12)
+        assert (other_seed.tokens != tree.tokens).float().mean() > 0.5
+
+
+def test_stopping_at_close_and_eod(models):
+    model = models["gpt"]
+    docs = _docs(1)
+    base = _sample(model, docs, temperature=1.0, close_id=OPEN + 1, eod_id=None, length=8)
+    assert (base.stop_reason == STOP_LENGTH).all() and base.forced.all()
+    assert (base.lengths == 8).all()
+    # Choose as close / EOD tokens the ones two branches drew at steps 2 and 4: the noise and the
+    # prefix do not depend on the stop rule, so each branch stops at its first such token.
+    close_tok, eod_tok = int(base.tokens[0, 0, 2]), int(base.tokens[1, 1, 4])
+    assert close_tok != eod_tok
+    batch = _sample(model, docs, temperature=1.0, close_id=close_tok, eod_id=eod_tok, length=8)
+    for n in range(batch.num_contexts):
+        for g in range(batch.num_thoughts):
+            seq = base.tokens[n, g].tolist()
+            hits = [i for i, tok in enumerate(seq) if tok in (close_tok, eod_tok)]
+            if hits:
+                stop = hits[0]
+                expected_reason = STOP_CLOSE if seq[stop] == close_tok else STOP_EOD
+                expected_len = stop + 1
+            else:
+                expected_reason, expected_len = STOP_LENGTH, 8
+            assert batch.lengths[n, g] == expected_len
+            assert batch.stop_reason[n, g] == expected_reason
+            assert batch.forced[n, g] == (expected_reason != STOP_CLOSE)
+            assert batch.tokens[n, g, :expected_len].tolist() == seq[:expected_len]
+            assert (batch.tokens[n, g, expected_len:] == PAD_ID).all()
+    assert batch.stop_reason[0, 0] == STOP_CLOSE and batch.lengths[0, 0] <= 3
+    assert (batch.stop_reason == STOP_EOD).any()
+    _check_against_full_forward(model, docs, batch)
+    closed, lengths = batch.closed_tokens(pad_id=0)
+    assert closed.shape == (6, 3, 9)
+    for n in range(batch.num_contexts):
+        for g in range(batch.num_thoughts):
+            k = int(batch.lengths[n, g])
+            want = batch.tokens[n, g, :k].tolist() + ([close_tok] if batch.forced[n, g] else [])
+            assert closed[n, g, : lengths[n, g]].tolist() == want
+            assert want[-1] == close_tok and (closed[n, g, lengths[n, g]:] == 0).all()
+
+
+def test_micro_batches_and_unmasked_attention_plan(models, monkeypatch):
+    model = models["gpt"]
+    docs = _docs(2)
+    ref = _sample(model, docs, temperature=0.9)
+    assert ref.stats["decode_microbatches"] == 1
+    split_tree = _sample(model, docs, temperature=0.9, micro_batch_size=6)  # 2 contexts each
+    split_rows = _sample(model, docs, temperature=0.9, micro_batch_size=5, layout="rows")
+    assert split_tree.stats["decode_microbatches"] == 3
+    assert split_rows.stats["decode_microbatches"] == 4  # 18 rows, branches split across
+    for other in (split_tree, split_rows):
+        assert torch.equal(other.tokens, ref.tokens)
+        torch.testing.assert_close(other.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    # An attention that ignores explicit masks at decode (Transformer Engine's): rows layout,
+    # micro-batches of one context length each, no padding, no mask.
+    monkeypatch.setattr(sampler_module, "model_traits", lambda model, stage: (False, False))
+    unmasked = _sample(model, docs, temperature=0.9)
+    assert unmasked.stats["layout"] == "rows" and not unmasked.stats["masked_decode"]
+    assert unmasked.stats["decode_microbatches"] == 6 and unmasked.stats["padded_context_slots"] == 0
+    assert torch.equal(unmasked.tokens, ref.tokens)
+    with pytest.raises(ValueError, match="'tree' decode layout"):
+        _sample(model, docs, layout="tree")
+
+
+def test_auto_layout_follows_the_cost_model(models):
+    model = models["gpt"]
+    cost = sampler_module.decode_cost
+    assert cost("tree", [256], 8, 32) < cost("rows", [256], 8, 32)  # the benchmark's setting
+    assert cost("tree", [2048], 16, 2048) > cost("rows", [2048], 16, 2048)  # the paper's
+    docs = _docs(4)
+    short = _sample(model, docs, positions=[[20], [15], [20]], length=4)
+    long = _sample(model, docs, positions=[[1], [2], [1]], length=20)
+    assert short.stats["layout"] == "tree" and long.stats["layout"] == "rows"
+    forced = _sample(model, docs, positions=[[1], [2], [1]], length=20, layout="tree")
+    assert torch.equal(forced.tokens, long.tokens)
+
+
+def test_hybrid_cached_decoding_matches_full_recompute(models):
+    model = models["hybrid"]
+    docs = _docs(3)
+    for temperature in (0.0, 0.8):
+        batch = _sample(model, docs, temperature=temperature, length=5)
+        assert batch.stats["layout"] == "rows"
+        # one prefill call up to the smallest position (3), then one token per call up to 25
+        assert batch.stats["prefill_forwards"] == 1 + 25 - 3
+        assert batch.stats["decode_microbatches"] == 1
+        logp = _check_against_full_forward(model, docs, batch)
+        assert torch.isfinite(logp).all()
+        naive = sample_thoughts_naive(model, docs, POSITIONS, 3, 5, OPEN, CLOSE, EOD, temperature, 11, MAX_LEN)
+        assert torch.equal(naive.tokens, batch.tokens)
+        torch.testing.assert_close(naive.logprobs, batch.logprobs, atol=1e-5, rtol=0)
+    split = _sample(model, docs, temperature=0.8, length=5, micro_batch_size=4)
+    assert torch.equal(split.tokens, batch.tokens)
+    with pytest.raises(ValueError, match="'tree' decode layout"):
+        _sample(model, docs, layout="tree")
+
+
+def test_bad_inputs_are_rejected(models):
+    model = models["gpt"]
+    docs = _docs()
+    with pytest.raises(ValueError, match=r"position 0 of document 1 is outside"):
+        _sample(model, docs, positions=[[5], [0], [3]])
+    with pytest.raises(ValueError, match=r"position 21 of document 1 is outside.*1 <= t <= 20"):
+        _sample(model, docs, positions=[[5], [21], [3]])
+    with pytest.raises(ValueError, match="outside"):
+        _sample(model, docs, positions=[[-2], [4], [3]])
+    long_doc = [torch.randint(0, 500, (200,))]
+    with pytest.raises(ValueError, match=r"prefix of 150 tokens.*max_thought_len=10.*163 tokens.*128"):
+        _sample(model, long_doc, positions=[[150]], length=10)
+    with pytest.raises(ValueError, match=r"num_thoughts \(G\) must be an integer >= 1, got 0"):
+        _sample(model, docs, g=0)
+    with pytest.raises(ValueError, match="max_thought_len must be"):
+        _sample(model, docs, length=0)
+    with pytest.raises(ValueError, match="temperature"):
+        _sample(model, docs, temperature=-0.1)
+    with pytest.raises(ValueError, match="one list of positions per document"):
+        _sample(model, docs, positions=[[5]])
+    with pytest.raises(ValueError, match="no positions"):
+        _sample(model, docs, positions=[[], [], []])
+    with pytest.raises(ValueError, match="close_id 600"):
+        _sample(model, docs, close_id=600)
+    with pytest.raises(ValueError, match="layout"):
+        _sample(model, docs, layout="ragged")
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _sample(model, docs, micro_batch_size=0)
+    ok = _sample(model, docs, positions=[[29], [20], [1]], length=4)  # the extreme positions
+    assert ok.position.tolist() == [29, 20, 1]

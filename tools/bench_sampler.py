@@ -1,0 +1,174 @@
+"""Benchmark: the prefix-sharing thought sampler against a naive one, same model and settings.
+
+* ``shared``  :func:`megatron_rlp.sampling.sample_thoughts`: each document prefilled once with a
+  KV cache; the G branches of every position forked from that cache; all branches of all
+  positions decoded together (one forward per step).
+* ``naive``   :func:`megatron_rlp.sampling.sample_thoughts_naive`: a loop over the (document,
+  position) contexts; for each a fresh KV cache, one prefill of the G rows x_<t + open marker
+  (the prefix recomputed once per branch, nothing shared across positions or branches), then
+  one-token decode steps of those G rows until they stop.
+
+Both draw the same thoughts (same noise keys); the script checks it and prints the share of equal
+tokens.  Throughput is sampled thought tokens per second of wall time of the whole call (prefill,
+fork, decode).  Documents are random token ids of ``--prefix + 1`` tokens, positions uniform in
+[``--min-context``, ``--prefix``]; a randomly initialised model rarely samples the close marker, so
+thoughts mostly run to ``--thought-len``.  Each sampler runs ``--repeats`` times after one warm-up
+call; the fastest run is reported.  Torch threads default to 1 (``--threads``): on a shared
+machine more threads mostly wait on each other.
+
+With CUDA the script also reports the decode phase against the memory-bandwidth bound: every
+decode step reads all weights of the model once plus the K/V cache slots it attends (padded
+slots included), ``bound = tokens / (bytes / bandwidth)`` with ``--bandwidth`` (H100: 3.35 TB/s).
+
+The last line is JSON: {"shared_tok_s": ..., "naive_tok_s": ..., "speedup": ...}.
+
+    .venv/bin/python tools/bench_sampler.py                 # tiny, G=8, k=4, prefix 256, thought 32
+    torchrun --nproc_per_node 2 tools/bench_sampler.py --tp 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--num-docs", type=int, default=4, help="documents (B)")
+    p.add_argument("--positions-per-doc", type=int, default=4, help="positions per document (k)")
+    p.add_argument("--num-thoughts", type=int, default=8, help="thoughts per position (G)")
+    p.add_argument("--prefix", type=int, default=256, help="longest context (document length - 1)")
+    p.add_argument("--min-context", type=int, default=16)
+    p.add_argument("--thought-len", type=int, default=32, help="max thought length (L)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
+    p.add_argument("--bandwidth", type=float, default=3.35e12, help="memory bandwidth, bytes/s")
+    return p.parse_args(argv)
+
+
+def _decode_bound(model, stats, preset, tp: int, dtype_bytes: int, bandwidth: float) -> dict:
+    """Decode tokens/s against weights + KV bytes read per step (this stage's layers)."""
+    from megatron.core.transformer.attention import Attention
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    attn_layers = sum(1 for m in model.modules() if isinstance(m, Attention))
+    kv_bytes_per_slot = attn_layers * 2 * (preset.num_query_groups // tp) * preset.kv_channels * dtype_bytes
+    total = stats["decode_steps"] * weight_bytes + stats["kv_slot_reads"] * kv_bytes_per_slot
+    tokens = stats["thought_tokens"]
+    bound = tokens / (total / bandwidth)
+    achieved = tokens / stats["decode_s"]
+    return {
+        "decode_tok_s": achieved,
+        "bandwidth_bound_tok_s": bound,
+        "fraction_of_bound": achieved / bound,
+        "bytes_read": total,
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from megatron_rlp import platform
+
+    platform.setup_platform()
+    import torch.distributed as dist
+
+    from megatron_rlp.models.builder import build_model, transformer_config
+    from megatron_rlp.models.init import initialize_layout_invariant
+    from megatron_rlp.models.presets import get_preset
+    from megatron_rlp.sampling import sample_thoughts, sample_thoughts_naive
+    from megatron_rlp.training import parallel
+
+    parallel.init_distributed()
+    parallel.init_model_parallel(args.tp, args.pp)
+    parallel.set_seed(args.seed)
+    rank0 = dist.get_rank() == 0
+    preset = get_preset(args.preset)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = build_model(preset, transformer_config(preset, args.tp, args.pp, params_dtype=dtype))
+    initialize_layout_invariant(model, args.seed, preset.num_layers)
+    device = next(model.parameters()).device
+
+    gen = torch.Generator().manual_seed(args.seed)
+    vocab = preset.vocab_size
+    open_id, close_id, eod_id = vocab - 3, vocab - 2, vocab - 1
+    documents = [
+        torch.randint(0, vocab - 3, (args.prefix + 1,), generator=gen).to(device)
+        for _ in range(args.num_docs)
+    ]
+    positions = [
+        sorted(torch.randint(args.min_context, args.prefix + 1, (args.positions_per_doc,), generator=gen).tolist())
+        for _ in range(args.num_docs)
+    ]
+    max_len = max(preset.max_position_embeddings, args.prefix + args.thought_len + 3)
+    common = dict(
+        num_thoughts=args.num_thoughts, max_thought_len=args.thought_len, open_id=open_id,
+        close_id=close_id, eod_id=eod_id, temperature=args.temperature, seed=args.seed,
+        max_sequence_length=max_len,
+    )
+
+    def run(fn, **extra):
+        fn(model, documents[:1], [positions[0][:1]], **{**common, "max_thought_len": 2}, **extra)  # warm-up
+        best = None
+        for _ in range(args.repeats):
+            batch = fn(model, documents, positions, **common, **extra)
+            if best is None or batch.stats["total_s"] < best.stats["total_s"]:
+                best = batch
+        return best
+
+    shared = run(sample_thoughts, micro_batch_size=args.micro_batch_size)
+    naive = run(sample_thoughts_naive)
+    same = float((shared.tokens == naive.tokens).double().mean())
+    s_tok, n_tok = shared.stats["tokens_per_s"], naive.stats["tokens_per_s"]
+    result = {"shared_tok_s": s_tok, "naive_tok_s": n_tok, "speedup": s_tok / n_tok}
+    if rank0:
+        print(
+            f"preset={preset.name} tp={args.tp} pp={args.pp} docs={args.num_docs} "
+            f"k={args.positions_per_doc} G={args.num_thoughts} prefix={args.prefix} "
+            f"thought={args.thought_len} T={args.temperature} device={device.type}"
+        )
+        st = shared.stats
+        print(
+            f"shared: {st['thought_tokens']} thought tokens in {st['total_s']:.3f} s "
+            f"(prefill {st['prefill_s']:.3f} s, fork {st['fork_s']:.3f} s, decode {st['decode_s']:.3f} s; "
+            f"{st['prefill_tokens']} prefill tokens, {st['decode_steps']} decode forwards, "
+            f"bubble {st['bubble']:.3f}) -> {s_tok:.1f} tok/s"
+        )
+        nt = naive.stats
+        print(
+            f"naive:  {nt['thought_tokens']} thought tokens in {nt['total_s']:.3f} s "
+            f"({nt['prefill_tokens']} prefill tokens, {nt['forward_calls']} forwards) -> {n_tok:.1f} tok/s"
+        )
+        print(f"speedup {result['speedup']:.2f}x; identical thought tokens: {same:.4f}")
+    if torch.cuda.is_available() and not platform.shim_installed():
+        bound = _decode_bound(model, shared.stats, preset, args.tp, 2 if args.bf16 else 4, args.bandwidth)
+        result.update({f"gpu_{k}": v for k, v in bound.items()})
+        if rank0:
+            print(
+                f"decode {bound['decode_tok_s']:.1f} tok/s vs memory-bandwidth bound "
+                f"{bound['bandwidth_bound_tok_s']:.1f} tok/s ({100 * bound['fraction_of_bound']:.2f}% "
+                f"at {args.bandwidth / 1e12:.2f} TB/s)"
+            )
+    if rank0:
+        print(json.dumps(result))
+    parallel.destroy()
+    return result
+
+
+if __name__ == "__main__":
+    main()
