@@ -314,6 +314,9 @@ class HFCheckpoint:
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
@@ -339,7 +342,7 @@ def check_hf_weights(ckpt: HFCheckpoint, arch: Architecture, preset: ModelPreset
     expected = arch.hf_shapes(preset, keys)
     problems = []
     for name, shape in expected.items():
-        if name not in ckpt._where:
+        if name not in ckpt:
             problems.append(f"tensor {name!r} is missing (the config expects shape {shape})")
         elif ckpt.shape(name) != tuple(shape):
             problems.append(
@@ -712,12 +715,27 @@ _JOBS = {
 }
 
 
+def _collect_write_results_in_process() -> None:
+    """megatron-core's torch_dist writer hands the results of a *synchronous* save back through a
+    ``multiprocessing.Manager`` queue, whose server process takes seconds to start on the first
+    save of every process.  The processes the converter owns (the CLI, its spawned workers) only
+    save synchronously, where a plain in-process queue does the same job.  Not used when the
+    converter runs inside someone else's process."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def _worker_main(rank: int, job: _Job, world_size: int, init_file: str, err_dir: str) -> None:
     """Entry point of a spawned worker process."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     from megatron_rlp import platform
 
     platform.setup_platform()
+    _collect_write_results_in_process()
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -837,7 +855,7 @@ def _run_job(job: _Job, ranks_needed: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _hf_dtype(ckpt: HFCheckpoint, arch: Architecture, requested: str) -> str:
+def _hf_dtype(ckpt: HFCheckpoint, requested: str) -> str:
     if requested != "auto":
         return requested
     dtypes = {ckpt.dtype(k) for k in ckpt.keys()}
@@ -884,7 +902,7 @@ def hf_to_megatron(
         preset=preset,
         tp=target_tp,
         pp=target_pp,
-        dtype=_hf_dtype(ckpt, arch, dtype),
+        dtype=_hf_dtype(ckpt, dtype),
         source=os.path.abspath(hf_dir),
         output="",
         signature=model_signature(preset),
@@ -1167,6 +1185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    _collect_write_results_in_process()
     if launched:
         from megatron_rlp.training import parallel
 

@@ -1,7 +1,7 @@
 """Benchmark: per-token log-prob of ``hidden @ weight.T`` three ways.
 
 * ``naive``      materialise the [N, V] logits, log_softmax, gather (what a model usually does);
-* ``reference``  the chunked torch reference (``megatron_rlp.kernels.reference_linear_logprob``);
+* ``reference``  the blocked torch reference (``megatron_rlp.kernels.reference_linear_logprob``);
 * ``triton``     the fused Triton kernel (deterministic backward); ``triton-atomic`` is the
   atomic-add backward.  Triton runs only with CUDA: on CPU it is reported as skipped (the
   TRITON_INTERPRET interpreter is a correctness tool, many orders of magnitude slower).
@@ -9,12 +9,16 @@
 Passes: ``fwd`` (forward under no_grad, as for the information-gain reward) and ``fwd+bwd``
 (forward with grad, backward of ``logp.sum()``, gradients for hidden and weight).
 
-Each (implementation, pass) runs in a fresh subprocess.  The first call measures peak memory:
-on CPU the process RSS high-water mark above the RSS just before the call (VmHWM reset via
-``/proc/self/clear_refs``; tracemalloc cannot see torch), on CUDA ``torch.cuda.max_memory_allocated``
-above the allocation before the call.  Then ``--repeats`` timed calls; the fastest is reported
-(the least disturbed by other processes on a shared machine; the median is in the JSON too).
-Ratios are against ``naive`` of the same pass in the same run.
+Peak memory: one fresh subprocess per (implementation, pass) measures its first call.  On CPU
+that is the process RSS high-water mark above the RSS just before the call (VmHWM reset through
+``/proc/self/clear_refs``; tracemalloc cannot see torch); on CUDA ``torch.cuda.max_memory_allocated``
+above the allocation before the call (after one warm-up call, so Triton's autotuning is not
+counted).  Gradients and outputs count; the inputs do not.
+
+Time: one subprocess per pass runs all implementations round-robin (``--repeats`` rounds after
+a warm-up round) and keeps each one's fastest call, so that load from other processes on a
+shared machine hits every implementation alike; the median is in the JSON too.  Ratios are
+against ``naive`` of the same pass in the same run.
 
 FLOP convention: "useful" FLOPs are the three matmuls any implementation has to do,
 ``2 N D V`` for the forward and ``6 N D V`` for forward+backward; TFLOP/s and the share of the
@@ -50,9 +54,11 @@ EXECUTED_FLOPS = {  # multiples of N*D*V
     ("triton-atomic", "fwd"): 2, ("triton-atomic", "fwd+bwd"): 8,
 }
 USEFUL_FLOPS = {"fwd": 2, "fwd+bwd": 6}
+SKIP_TRITON = ("no CUDA device: Triton kernels are timed only on a GPU "
+               "(the CPU interpreter is for correctness tests)")
 
 
-# ------------------------------------------------------------------------------------ worker
+# ------------------------------------------------------------------------------------ workers
 
 
 def _read_hwm_bytes() -> int:
@@ -72,12 +78,13 @@ def _reset_hwm() -> bool:
         return False
 
 
-def worker(args) -> dict:
+def _setup(args):
+    """Inputs on the device and a call() per implementation for this pass."""
     import torch
 
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    from megatron_rlp import platform
+    from megatron_rlp.kernels import linear_logprob, reference_linear_logprob
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -92,8 +99,6 @@ def worker(args) -> dict:
         h.requires_grad_()
         w.requires_grad_()
 
-    from megatron_rlp.kernels import linear_logprob, reference_linear_logprob
-
     def naive():
         logits = (h @ w.t()).float()
         return torch.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1)
@@ -106,63 +111,73 @@ def worker(args) -> dict:
         "triton": lambda: linear_logprob(h, w, t, impl="triton"),
         "triton-atomic": lambda: linear_logprob(h, w, t, impl="triton", deterministic=False),
     }
-    fn = fns[args.impl]
 
-    def call():
-        if backward:
-            h.grad = None
-            w.grad = None
-            fn().sum().backward()
-        else:
-            with torch.no_grad():
-                fn()
-        if cuda:
-            torch.cuda.synchronize()
+    def make_call(fn):
+        def call():
+            if backward:
+                h.grad = None
+                w.grad = None
+                fn().sum().backward()
+            else:
+                with torch.no_grad():
+                    fn()
+            if cuda:
+                torch.cuda.synchronize()
 
-    # peak memory of the first call
+        return call
+
+    return torch, cuda, {name: make_call(fn) for name, fn in fns.items()}
+
+
+def memory_worker(args) -> dict:
+    torch, cuda, calls = _setup(args)
+    call = calls[args.impl]
     if cuda:
-        if args.impl.startswith("triton"):
-            call()  # autotuning allocates; keep it out of the memory measurement
+        call()  # warm-up: autotuning and the CUDA context stay out of the measurement
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         call()
-        peak = torch.cuda.max_memory_allocated() - base
-        how = "cuda max_memory_allocated"
-    else:
-        exact = _reset_hwm()
-        base = platform.cpu_rss_bytes()
-        call()
-        if exact:
-            peak = _read_hwm_bytes() - base
-            how = "RSS high-water mark (clear_refs)"
-        else:
-            import resource
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - base,
+                "memory_method": "cuda max_memory_allocated",
+                "device": torch.cuda.get_device_name()}
+    from megatron_rlp import platform
 
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-            how = "ru_maxrss (upper bound)"
-    times = []
+    exact = _reset_hwm()
+    base = platform.cpu_rss_bytes()
+    call()
+    if exact:
+        peak, how = _read_hwm_bytes() - base, "RSS high-water mark (clear_refs)"
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        how = "ru_maxrss (upper bound)"
+    return {"peak_bytes": int(peak), "memory_method": how, "device": "cpu"}
+
+
+def time_worker(args) -> dict:
+    torch, cuda, calls = _setup(args)
+    impls = args.impls.split(",")
+    for name in impls:
+        calls[name]()  # warm-up (and autotuning on CUDA)
+    times = {name: [] for name in impls}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return {
-        "time_s": min(times),
-        "time_median_s": statistics.median(times),
-        "peak_bytes": int(peak),
-        "memory_method": how,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "threads": torch.get_num_threads(),
-    }
+        for name in impls:
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"time_s": min(ts), "time_median_s": statistics.median(ts)}
+            for name, ts in times.items()} | {"_threads": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------------------------------ driver
 
 
-def _run_worker(args, impl: str, pass_: str) -> dict:
+def _run_worker(args, mode: str, pass_: str, impls: list[str]) -> dict:
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker",
-        "--impl", impl, "--pass", pass_,
+        sys.executable, os.path.abspath(__file__), "--worker", mode, "--pass", pass_,
+        "--impls", ",".join(impls), "--impl", impls[0],
         "--num-tokens", str(args.num_tokens), "--hidden", str(args.hidden),
         "--vocab", str(args.vocab), "--dtype", args.dtype, "--repeats", str(args.repeats),
     ]
@@ -174,7 +189,8 @@ def _run_worker(args, impl: str, pass_: str) -> dict:
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -189,22 +205,25 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
     p.add_argument("--impls", default="naive,reference,triton",
                    help=f"comma-separated subset of {','.join(IMPLS)} (naive is always run)")
     p.add_argument("--passes", default=",".join(PASSES), help="comma-separated subset of fwd,fwd+bwd")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="reference: token rows per logits block (default 4096)")
     p.add_argument("--vocab-chunk", type=int, default=None,
-                   help="reference: vocabulary columns per logits block (default 256)")
+                   help="reference: vocabulary columns per logits block (default 1024)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense roofline for the share")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("memory", "time"), help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--pass", dest="pass_", choices=PASSES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    if args.worker:
-        print(json.dumps(worker(args)))
+    if args.worker == "memory":
+        print(json.dumps(memory_worker(args)))
+        return 0
+    if args.worker == "time":
+        print(json.dumps(time_worker(args)))
         return 0
 
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
@@ -218,6 +237,7 @@ def main(argv=None) -> int:
         if x not in PASSES:
             p.error(f"unknown pass {x!r}; choose from {PASSES}")
     cuda = _cuda_available()
+    runnable = [i for i in impls if cuda or not i.startswith("triton")]
     n, d, v = args.num_tokens, args.hidden, args.vocab
     print(f"shape N={n} D={d} V={v} dtype={args.dtype} repeats={args.repeats} "
           f"device={'cuda' if cuda else 'cpu'}")
@@ -225,38 +245,33 @@ def main(argv=None) -> int:
           "executed includes the logits recompute of the backward")
     results = []
     for pass_ in passes:
-        base = None
+        timing = _run_worker(args, "time", pass_, runnable)
+        mem = {impl: _run_worker(args, "memory", pass_, [impl]) for impl in runnable}
         for impl in impls:
             rec = {"impl": impl, "pass": pass_}
-            if impl.startswith("triton") and not cuda:
-                rec["skipped"] = ("no CUDA device: Triton kernels are timed only on a GPU "
-                                  "(the CPU interpreter is for correctness tests)")
-                results.append(rec)
-                continue
-            out = _run_worker(args, impl, pass_)
-            if "error" in out:
-                rec["error"] = out["error"]
-                results.append(rec)
-                continue
-            rec.update(
-                time_s=round(out["time_s"], 4),
-                time_median_s=round(out["time_median_s"], 4),
-                peak_mib=round(out["peak_bytes"] / 2**20, 1),
-            )
-            if impl == "naive":
-                base = out
-            if base is not None:
-                rec["time_ratio"] = round(out["time_s"] / base["time_s"], 3)
-                rec["peak_ratio"] = round(out["peak_bytes"] / max(1, base["peak_bytes"]), 4)
-            rec["executed_flops_ndv"] = EXECUTED_FLOPS[(impl, pass_)]
-            if cuda:
-                tflops = USEFUL_FLOPS[pass_] * n * d * v / out["time_s"] / 1e12
-                rec["tflops"] = round(tflops, 1)
-                rec["roofline_share"] = round(tflops / args.peak_tflops, 3)
-            rec["memory_method"] = out["memory_method"]
-            rec["device"] = out["device"]
+            if impl not in runnable:
+                rec["skipped"] = SKIP_TRITON
+            elif "error" in timing or "error" in mem[impl]:
+                rec["error"] = timing.get("error") or mem[impl]["error"]
+            else:
+                t, m = timing[impl], mem[impl]
+                t0, m0 = timing["naive"], mem["naive"]
+                rec.update(
+                    time_s=round(t["time_s"], 4),
+                    time_median_s=round(t["time_median_s"], 4),
+                    peak_mib=round(m["peak_bytes"] / 2**20, 1),
+                    time_ratio=round(t["time_s"] / t0["time_s"], 3),
+                    peak_ratio=round(m["peak_bytes"] / max(1, m0["peak_bytes"]), 4),
+                    executed_flops_ndv=EXECUTED_FLOPS[(impl, pass_)],
+                )
+                if cuda:
+                    tflops = USEFUL_FLOPS[pass_] * n * d * v / t["time_s"] / 1e12
+                    rec["tflops"] = round(tflops, 1)
+                    rec["roofline_share"] = round(tflops / args.peak_tflops, 3)
+                rec.update(memory_method=m["memory_method"], device=m["device"],
+                           threads=timing["_threads"])
+                _print_row(rec)
             results.append(rec)
-            _print_row(rec)
     for rec in results:
         if "skipped" in rec or "error" in rec:
             print(f"{rec['impl']:>14} {rec['pass']:>8}  {rec.get('skipped') or rec.get('error')}")

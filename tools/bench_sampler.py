@@ -2,7 +2,9 @@
 
 * ``shared``  :func:`megatron_rlp.sampling.sample_thoughts`: each document prefilled once with a
   KV cache; the G branches of every position forked from that cache; all branches of all
-  positions decoded together (one forward per step).
+  positions decoded together (one forward per step).  ``--layout rows`` shares the prefix only
+  in the prefill (one cache row per branch); the default ("auto" = "tree" here) also shares it
+  in decode (one cache row per context, branches as query tokens).
 * ``naive``   :func:`megatron_rlp.sampling.sample_thoughts_naive`: a loop over the (document,
   position) contexts; for each a fresh KV cache, one prefill of the G rows x_<t + open marker
   (the prefix recomputed once per branch, nothing shared across positions or branches), then
@@ -53,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--layout", default="auto", choices=("auto", "tree", "rows"),
+                   help="decode cache layout of the shared sampler (see megatron_rlp.sampling)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
     p.add_argument("--bandwidth", type=float, default=3.35e12, help="memory bandwidth, bytes/s")
@@ -131,7 +135,7 @@ def main(argv=None) -> dict:
                 best = batch
         return best
 
-    shared = run(sample_thoughts, micro_batch_size=args.micro_batch_size)
+    shared = run(sample_thoughts, micro_batch_size=args.micro_batch_size, layout=args.layout)
     naive = run(sample_thoughts_naive)
     same = float((shared.tokens == naive.tokens).double().mean())
     s_tok, n_tok = shared.stats["tokens_per_s"], naive.stats["tokens_per_s"]
@@ -147,7 +151,7 @@ def main(argv=None) -> dict:
             f"shared: {st['thought_tokens']} thought tokens in {st['total_s']:.3f} s "
             f"(prefill {st['prefill_s']:.3f} s, fork {st['fork_s']:.3f} s, decode {st['decode_s']:.3f} s; "
             f"{st['prefill_tokens']} prefill tokens, {st['decode_steps']} decode forwards, "
-            f"bubble {st['bubble']:.3f}) -> {s_tok:.1f} tok/s"
+            f"{st['layout']} layout, bubble {st['bubble']:.3f}) -> {s_tok:.1f} tok/s"
         )
         nt = naive.stats
         print(

@@ -43,7 +43,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 SUPPORTED_DTYPES = (torch.float32,) + LOW_PRECISION
 
 # Interpreter block sizes: tl.dot wants every dimension >= 16 on a GPU; keep the same rule here.
-CPU_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_D": 32}
+CPU_BLOCKS = {"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 128}
 
 
 def interpreting() -> bool:

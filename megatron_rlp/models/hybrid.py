@@ -324,6 +324,26 @@ def hybrid_stack_spec(preset: ModelPreset, use_te: Optional[bool] = None) -> Mod
     )
 
 
+class RLPMambaModel(MambaModel):
+    """megatron-core's MambaModel that can hand back its final (normed) hidden states.
+
+    Same switch as the GPT builder's model: with ``return_hidden = True`` a forward without an
+    inference context returns [s, b, h] hidden states instead of logits, for the fused
+    linear log-prob kernel.  (The stack applies the final norm; only the output layer is skipped.)
+    """
+
+    return_hidden = False
+
+    def forward(self, *args, **kwargs):
+        if not (self.return_hidden and self.post_process and kwargs.get("inference_context") is None):
+            return super().forward(*args, **kwargs)
+        self.post_process = False
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.post_process = True
+
+
 def build_hybrid_model(
     preset: ModelPreset,
     config: TransformerConfig,
@@ -341,7 +361,7 @@ def build_hybrid_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    return MambaModel(
+    return RLPMambaModel(
         config=config,
         mamba_stack_spec=hybrid_stack_spec(preset, use_te=use_te),
         vocab_size=preset.vocab_size,

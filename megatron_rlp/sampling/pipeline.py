@@ -235,6 +235,8 @@ def run_pipelined(model, stage: StageInfo, jobs: list, feedback: bool) -> PhaseS
                     pending = _reap(pending)
     for work, _ in pending:
         work.wait()
+    if not stage.is_first:
+        model.set_input_tensor(None)  # drop the reference to the last received hidden state
     stats.seconds = time.perf_counter() - t0
     stats.ticks, stats.bubble = schedule_bubble(stats.items, stage.pp_size, feedback)
     return stats

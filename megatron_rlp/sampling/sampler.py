@@ -9,18 +9,29 @@ same inputs):
    cache of x_<t for any position t of that document is then its first t slots — no prefix is
    recomputed per position or per thought.  (Hybrid models: see ``PrefillJob`` for the Mamba
    states.)
-2. **Fork**: the rows (context n, branch g) are grouped into micro-batches; each micro-batch gets
-   its own inference context, built from the prefill caches: attention K/V of x_<t copied into the
-   last t slots before the micro-batch's alignment slot A (keys are cached before RoPE, so the
-   shift keeps every query-key distance), Mamba conv/SSM states copied from the snapshot at t;
-   then megatron_rlp.models.hybrid.fork_inference_state fans each context out into its G branches.
-3. **Decode** (:class:`~megatron_rlp.sampling.thoughts.ThoughtJob`): the open marker as a
-   one-token step at slot A, then one token per step for all branches of the micro-batch
-   together; a per-row mask hides the slots before each row's context.  A branch stops at the
-   close marker or EOD (both sampled thought tokens); at ``max_thought_len`` sampled tokens the
-   close is forced (not a sampled token).  Sampling is the vocab-parallel Gumbel-max of
-   :mod:`megatron_rlp.sampling.vocab_parallel`: logits stay vocabulary-sharded, noise is keyed by
-   (seed, step, global row id, global vocabulary id), one all-gather of five numbers per row.
+2. **Fork**: the contexts (and their branches) are grouped into micro-batches; each micro-batch
+   gets its own inference context, built from the prefill caches: attention K/V of x_<t copied
+   into the last t slots before the micro-batch's alignment slot A (keys are cached before RoPE,
+   so a uniform shift keeps every query-key distance), Mamba conv/SSM states copied from the
+   snapshot at t.
+3. **Decode**, in one of two cache layouts (``layout=``; "auto" picks by :func:`decode_cost`):
+
+   * "tree" (:class:`~megatron_rlp.sampling.thoughts.TreeThoughtJob`, attention-only models):
+     one cache row per *context*.  The open marker is one token at slot A; each later step feeds
+     the G branches' tokens as G query tokens of that row, with a mask that lets a branch see only
+     its context, the marker and its own tokens, and a RoPE table that gives each slot its
+     position in its branch.  The prefix K/V are stored, rotated and read once per context
+     instead of G times — the decode-time half of prefix sharing.
+   * "rows" (:class:`~megatron_rlp.sampling.thoughts.ThoughtJob`, needed for Mamba layers, whose
+     state cannot branch inside a sequence): megatron_rlp.models.hybrid.fork_inference_state fans
+     each context out into G cache rows; one token per row per step; a per-row mask hides the
+     slots before a row's context.
+
+   A branch stops at the close marker or EOD (both sampled thought tokens); at
+   ``max_thought_len`` sampled tokens the close is forced (not a sampled token).  Sampling is the
+   vocab-parallel Gumbel-max of :mod:`megatron_rlp.sampling.vocab_parallel`: logits stay
+   vocabulary-sharded, noise is keyed by (seed, step, global row id, global vocabulary id), one
+   all-gather of five numbers per row.
 4. **Pipeline** (:mod:`megatron_rlp.sampling.pipeline`): stages pass [s, b, h] hidden states
    forward with point-to-point sends; only token ids and a "still running" flag return from the
    last stage; micro-batches keep the stages busy concurrently; the result (ids, log-probs,
@@ -34,8 +45,12 @@ megatron-core pieces used, and where this differs (0.16.1):
   keep ``batch_size_offset`` at 0.  At ``sequence_len_offset > 0`` megatron switches the attention
   to ``no_mask``; megatron's local ``DotProductAttention`` still applies an explicit
   ``attention_mask``, which is how rows with shorter contexts mask their leading slots.  A core
-  attention that ignores the mask at decode (Transformer Engine's, with ``no_mask``) is detected,
-  and then micro-batches only hold rows of equal context length (no padding, no mask needed).
+  attention that ignores the mask at decode (Transformer Engine's, with ``no_mask``) is detected;
+  then only the "rows" layout is used and a micro-batch only holds rows of equal context length
+  (no padding, no mask needed).
+* megatron's static path takes RoPE positions from the cache slot, not from ``position_ids``;
+  the "tree" layout therefore swaps in a per-slot RoPE table while its forward runs
+  (``pipeline.rope_positions``).
 * ``materialize_only_last_token_logits`` is irrelevant here: the last stage returns final hidden
   states (see ``pipeline.final_hidden_states``) and the sampler applies the vocab-parallel output
   layer to the last token itself.

@@ -176,6 +176,7 @@ class PrefillJob:
             tokens[i, :n] = documents[b][:n].to(torch.int64)
         self.tokens = tokens.to(device)
         self.batch_size = len(docs)
+        self.feedback_size = 0  # teacher-forced: nothing comes back from the last stage
         self.num_steps = 1 + self.length - self.first
         self.active = True
         self.context = StaticInferenceContext(self.batch_size, self.length)
@@ -241,7 +242,10 @@ class ThoughtRecorder:
 
     def record(self, step: int, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [rows, h] of ``step`` -> sampled tokens [rows]."""
-        logits = vocab_shard_logits(self.model, hidden)
+        return self.record_logits(step, vocab_shard_logits(self.model, hidden))
+
+    def record_logits(self, step: int, logits: torch.Tensor) -> torch.Tensor:
+        """This TP rank's vocabulary shard of the logits [rows, V/tp] -> sampled tokens [rows]."""
         s = sample_vocab_parallel(
             logits, self.temperature, self.seed, step, self.rows,
             tp_group=self.stage.tp_group, vocab_size=self.vocab_size,
@@ -435,11 +439,11 @@ class TreeThoughtJob:
 
     def on_output(self, step: int, hidden: torch.Tensor) -> torch.Tensor:
         g = self.num_thoughts
-        if step == 0:
-            rows_hidden = hidden[-1].repeat_interleave(g, dim=0)  # [C*G, h]
-        else:
-            rows_hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [C*G, h]
-        tokens = self.recorder.record(step, rows_hidden)
+        if step == 0:  # one distribution per context, drawn G times
+            logits = vocab_shard_logits(self.recorder.model, hidden[-1])
+            tokens = self.recorder.record_logits(step, logits.repeat_interleave(g, dim=0))
+        else:  # [G, C, h] -> rows n * G + g
+            tokens = self.recorder.record(step, hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]))
         self.active = not self.recorder.all_done
         self.next_ids = tokens
         return tokens

@@ -14,6 +14,7 @@ and are restored only when the layout matches.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Optional
@@ -232,7 +233,8 @@ def load_checkpoint(
     for key in model_sd:
         unwrap_model(model_chunks[int(key[5:] or 0)]).load_state_dict(loaded[key], strict=True)
     if "optimizer" in request:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _tolerate_per_param_step(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
     objective.load_sharded_state_dict(loaded.get("objective_tensors", {}))
     if "rng_state" in request:
@@ -246,14 +248,59 @@ def load_checkpoint(
     return int(common["iteration"])
 
 
-def _prime_optimizer_state(optimizer) -> None:
-    """Create Adam's state tensors before loading into them.
+@contextlib.contextmanager
+def _tolerate_per_param_step(optimizer):
+    """Work around megatron-core 0.16.1's distributed optimizer on torch Adam (no TE/apex).
 
-    megatron-core's torch-AdamW path (no TE/apex) builds state lazily; loading a distributed
-    optimizer checkpoint into an empty state fails with KeyError: 'step'.
+    torch's Adam keeps ``step`` in every parameter's state; megatron's checkpoint stores it once
+    per param group and puts it back in load_state_dict, then copies the per-parameter tensors
+    (param, exp_avg, exp_avg_sq) over the state's keys — ``step`` included, which the checkpoint
+    does not hold (KeyError: 'step').  Keep the restored step for that key, and give each
+    parameter its own step tensor afterwards.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = dict(tensors, step=step.clone())
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+    # load_state_dict also gives every parameter the *same* step tensor; torch's Adam increments
+    # each parameter's step in place, so a shared one would advance once per parameter per step.
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Create Adam's state tensors (including ``step``) before loading into them.
+
+    megatron-core's torch-AdamW path (no TE/apex) builds state lazily, and its init_state_fn
+    leaves out ``step``; the distributed optimizer's state_dict() then fails with
+    KeyError: 'step' when a checkpoint is loaded before the first step.  The loaded
+    checkpoint overwrites these placeholders.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         init = getattr(opt, "init_state_fn", None)
         inner = getattr(opt, "optimizer", None)
-        if init is not None and inner is not None:
-            init(inner, getattr(opt, "config", None))
+        if init is None or inner is None:
+            continue
+        init(inner, getattr(opt, "config", None))
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if "exp_avg" in state and "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)

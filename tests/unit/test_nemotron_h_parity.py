@@ -17,7 +17,7 @@ from megatron_rlp.training import parallel
 
 from transformers import NemotronHForCausalLM
 
-TOL = 5e-6  # measured: ~1e-6 (fp32; see the printed figures)
+TOL = 1e-5  # measured 4e-6 at max|logit| ~10, i.e. ~4e-7 relative (fp32 rounding; see printout)
 
 BASE = get_preset("tiny-hybrid").replace(
     name="nh-parity", vocab_size=256, max_position_embeddings=256, hybrid_pattern="M*-M*-",

@@ -345,5 +345,11 @@ def test_bad_inputs_are_rejected(models):
         _sample(model, docs, layout="ragged")
     with pytest.raises(ValueError, match="micro_batch_size"):
         _sample(model, docs, micro_batch_size=0)
+    model.config.sequence_parallel = True
+    try:
+        with pytest.raises(ValueError, match="sequence parallelism"):
+            _sample(model, docs)
+    finally:
+        model.config.sequence_parallel = False
     ok = _sample(model, docs, positions=[[29], [20], [1]], length=4)  # the extreme positions
     assert ok.position.tolist() == [29, 20, 1]
