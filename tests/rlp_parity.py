@@ -28,6 +28,7 @@ from reference.rlp_reference import (
 )
 
 OPEN, CLOSE, EOD = 501, 502, 500
+TOL = 1e-5
 G = 3
 LR = 0.5
 
@@ -191,3 +192,22 @@ def _local(full: dict, tp: int, pp: int, preset, tie: bool) -> dict:
     if tp > 1:
         sd = shard_megatron_state_dict(sd, ps.get_tensor_model_parallel_rank(), tp, preset.num_query_groups)
     return sd
+
+
+def _close(a, b, what, tol=TOL):
+    a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
+    diff = (a - b).abs().max().item()
+    assert diff <= tol * max(1.0, b.abs().max().item()), f"{what}: max |diff| {diff:.3e}"
+
+
+def check_against_reference(mega, ref, check_stage_values=True):
+    if mega["last_stage"]:
+        _close(mega["loss"], ref["loss"], "loss")
+        rewards = torch.cat([mb["rewards"] for mb in mega["microbatches"]])
+        advantages = torch.cat([mb["advantages"] for mb in mega["microbatches"]])
+        _close(rewards, ref["rewards"].reshape(-1), "rewards")
+        _close(advantages, ref["advantages"].reshape(-1), "advantages")
+    for what in ("grads", "params", "ema"):
+        assert set(mega[what]) == set(ref[what]), f"{what}: names differ"
+        for name, value in mega[what].items():
+            _close(value, ref[what][name], f"{what} {name}")

@@ -7,33 +7,13 @@ import torch
 
 from megatron_rlp.rlp.config import RLPConfig, resolve_markers, validate_rlp_config
 from megatron_rlp.rlp.step import build_update_sequences, sample_positions
+from rlp_parity import check_against_reference
 from training_fixtures import write_corpus
-
-TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(str(tmp_path_factory.mktemp("rlp") / "corpus"), num_docs=16, seed=4)
-
-
-def _close(a, b, what, tol=TOL):
-    a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
-    diff = (a - b).abs().max().item()
-    assert diff <= tol * max(1.0, b.abs().max().item()), f"{what}: max |diff| {diff:.3e}"
-
-
-def check_against_reference(mega, ref, check_stage_values=True):
-    if mega["last_stage"]:
-        _close(mega["loss"], ref["loss"], "loss")
-        rewards = torch.cat([mb["rewards"] for mb in mega["microbatches"]])
-        advantages = torch.cat([mb["advantages"] for mb in mega["microbatches"]])
-        _close(rewards, ref["rewards"].reshape(-1), "rewards")
-        _close(advantages, ref["advantages"].reshape(-1), "advantages")
-    for what in ("grads", "params", "ema"):
-        assert set(mega[what]) == set(ref[what]), f"{what}: names differ"
-        for name, value in mega[what].items():
-            _close(value, ref[what][name], f"{what} {name}")
 
 
 @pytest.mark.parametrize("tie", [True, False])
