@@ -15,7 +15,11 @@ reads and writes the files.
   full training checkpoint: only the ``model`` part is requested), at whatever layout it was
   saved, and writes ``config.json`` + safetensors (sharded with an index above
   ``max_shard_size``).  The architecture comes from the checkpoint's saved ``model_signature``
-  (family ``gpt`` -> Qwen3, ``hybrid`` -> Nemotron-H).
+  (family ``gpt`` -> Qwen3, ``hybrid`` -> Nemotron-H).  Config fields the signature does not
+  record (``max_position_embeddings``, token ids, Mamba ``chunk_size`` / time-step fields, ...)
+  come from ``hf_metadata/config.json`` or ``--hf-config`` when they describe the same model,
+  else from a named preset with the same signature, else transformers' defaults
+  (``max_position_embeddings`` 4096 unless given).
 * ``megatron_to_megatron`` re-lays out a checkpoint's weights at another TP x PP.
 
 How the megatron side is written.  megatron-core itself writes and reads the dist checkpoint:
@@ -27,9 +31,17 @@ stage's tensors from the safetensors files) and calls
 therefore exactly what the training loop writes at that layout, with global shapes and sharding
 metadata, so they load at that layout and at any other.  Reading goes the other way: one worker
 builds the whole model at TP=1, PP=1 and asks dist_checkpointing for it (resharding on load).
-A single-rank job runs in the calling process when that process has no GPU and is not part of a
-multi-rank torch.distributed job (it then re-creates megatron's parallel state and destroys it
-afterwards); otherwise it runs in spawned workers.
+Where the ranks come from:
+
+* called inside a multi-rank torch.distributed job (e.g. the CLI under ``torchrun``, or a
+  distributed test), every rank of the job takes part: all ranks must call the same conversion,
+  the world size must be a multiple of TP*PP (extra ranks are data-parallel replicas);
+* otherwise a one-rank job on a machine without GPU runs in the calling process;
+* otherwise the converter spawns its TP*PP CPU workers itself.
+
+In-process runs re-create megatron's parallel state and destroy it afterwards.  Memory: a worker
+holds its stage's full-width tensors plus its shard, and reads the embedding / final norm /
+output layer whatever its stage; reading back holds the whole model once.
 
 Safety.  Output goes to ``<out>.tmp-XXXX`` next to ``<out>`` and is renamed into place only when
 complete; a failure removes it.  An existing ``<out>`` is replaced only with ``overwrite=True``.
@@ -715,6 +727,9 @@ _JOBS = {
 }
 
 
+_OWN_PROCESS = False  # set by the CLI and the spawned workers: processes the converter owns
+
+
 def _collect_write_results_in_process() -> None:
     """megatron-core's torch_dist writer hands the results of a *synchronous* save back through a
     ``multiprocessing.Manager`` queue, whose server process takes seconds to start on the first
@@ -735,6 +750,8 @@ def _worker_main(rank: int, job: _Job, world_size: int, init_file: str, err_dir:
     from megatron_rlp import platform
 
     platform.setup_platform()
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     _collect_write_results_in_process()
     import torch.distributed as dist
 
@@ -765,6 +782,8 @@ def _run_in_process(job: _Job, scratch: str) -> None:
     from megatron_rlp.training import parallel
 
     platform.setup_platform()
+    if _OWN_PROCESS:
+        _collect_write_results_in_process()
     created = False
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"file://{os.path.join(scratch, 'store')}",
@@ -1179,17 +1198,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line; returns the exit code (2 for a :class:`ConversionError`).  Under torchrun
-    (``WORLD_SIZE`` > 1) every rank takes part in the conversion."""
+def main(argv: Optional[Sequence[str]] = None, *, own_process: bool = False) -> int:
+    """The command line; returns the exit code (2 for a :class:`ConversionError`).
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank takes part in the conversion (the process
+    group is created here when it does not exist yet).  ``own_process``: this process exists only
+    for the conversion (tools/convert_checkpoint.py), which allows a faster checkpoint writer
+    set-up (see :func:`_collect_write_results_in_process`)."""
+    import torch.distributed as dist
+
+    global _OWN_PROCESS
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    _collect_write_results_in_process()
-    if launched:
+    created = False
+    if launched and not dist.is_initialized():
         from megatron_rlp.training import parallel
 
         parallel.init_distributed()
+        created = True
+    previous, _OWN_PROCESS = _OWN_PROCESS, own_process or _OWN_PROCESS
     try:
         if args.command == "hf-to-megatron":
             hf_to_megatron(args.hf_dir, args.megatron_dir, args.target_tp, args.target_pp,
@@ -1204,13 +1232,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  args.target_pp, dtype=args.dtype, overwrite=args.overwrite,
                                  progress=progress)
     except ConversionError as e:
-        where = f"[rank {os.environ.get('RANK', '0')}] " if launched else ""
+        where = f"[rank {dist.get_rank()}] " if _collective() else ""
         print(f"{where}error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
-        if launched:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        _OWN_PROCESS = previous
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
     return 0

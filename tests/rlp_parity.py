@@ -7,7 +7,8 @@ weights (layout-invariant init), Adam without weight decay or clipping on both s
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
+
+import torch.distributed as dist
 
 import torch
 
@@ -211,3 +212,50 @@ def check_against_reference(mega, ref, check_stage_values=True):
         assert set(mega[what]) == set(ref[what]), f"{what}: names differ"
         for name, value in mega[what].items():
             _close(value, ref[what][name], f"{what} {name}")
+
+
+def run_short_rlp(corpus, preset, tp, pp, tmp_path_factory):
+    from megatron_rlp.rlp.config import RLPConfig
+    from megatron_rlp.rlp.step import RLPObjective
+    from megatron_rlp.data.documents import DocumentStream, open_indexed_dataset
+    from megatron_rlp.training import checkpoint, loop, parallel
+
+    box = [str(tmp_path_factory.mktemp("rlpck")) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    save = box[0]
+
+    def build(iters, load=None):
+        run = loop.RunConfig()
+        run.model.model_preset = preset
+        if preset == "tiny":
+            run.model.num_layers, run.model.layout_invariant_init = 2, True
+        run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size = tp, pp
+        t = run.training
+        t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, 2, iters, 1e-3, 5
+        run.checkpoint.save, run.checkpoint.load = save, load
+        state = loop.setup(run, loop.resolve_preset(run.model))
+        stream = DocumentStream(open_indexed_dataset(corpus), state.preset.vocab_size, seed=5)
+        config = RLPConfig(rlp_num_thoughts=2, rlp_thought_len=3, rlp_positions_per_doc=1, rlp_min_context=2)
+        return state, RLPObjective(config, state, MarkerTokenizer(), stream)
+
+    try:
+        state, objective = build(2)
+        history = loop.train(state, objective)
+        assert all(torch.isfinite(torch.tensor(h["rlp loss"])) for h in history)
+        assert history[-1]["rlp/ema_gap"] > 0
+        assert 1 <= history[-1]["rlp/thought_len_mean"] <= 4
+        assert history[-1]["rlp/sample_logprob_drift"] < 1e-4  # sampler and update agree
+        assert checkpoint.read_tracker(save) == 2
+        saved_teacher = {k: v.clone() for k, v in objective.teacher.state_dict().items()}
+        parallel.destroy()
+        state, objective = build(3)
+        state.iteration = checkpoint.load_checkpoint(save, state.model, state.optimizer, state.scheduler,
+                                                     objective, loop.model_signature(state.preset))
+        assert state.iteration == 2
+        loaded_teacher = objective.teacher.state_dict()  # the fp32 EMA teacher came back exactly
+        assert set(loaded_teacher) == set(saved_teacher)
+        assert all(torch.equal(loaded_teacher[k], saved_teacher[k]) for k in saved_teacher)
+        resumed = loop.train(state, objective)
+        assert [h["iteration"] for h in resumed] == [3]
+    finally:
+        parallel.destroy()

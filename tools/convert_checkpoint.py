@@ -29,4 +29,4 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from megatron_rlp.convert import main
 
-    sys.exit(main())
+    sys.exit(main(own_process=True))

@@ -247,6 +247,15 @@ def test_training_loop_loads_converted_and_its_checkpoint_converts_back(tmp_path
     assert json.load(open(os.path.join(back, "config.json")))["model_type"] == (
         "qwen3" if preset.family == "gpt" else "nemotron_h"
     )
+    # a training checkpoint carries no HF config: --hf-config supplies the fields it lacks
+    with_cfg = str(tmp_path / "with_cfg")
+    convert.megatron_to_hf(saved, with_cfg, hf_config=hf_dir, max_position_embeddings=777,
+                           progress=False)
+    cfg = json.load(open(os.path.join(with_cfg, "config.json")))
+    src_cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    assert cfg["max_position_embeddings"] == 777
+    assert {k: v for k, v in cfg.items() if k not in ("max_position_embeddings", "transformers_version")} \
+        == {k: v for k, v in src_cfg.items() if k not in ("max_position_embeddings", "transformers_version")}
 
 
 # --------------------------------------------------------------------------------------------
