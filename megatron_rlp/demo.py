@@ -33,13 +33,14 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def prepare_corpus(out: str, n_warmup: int, n_rlp: int, n_heldout: int, seed: int) -> dict:
+def prepare_corpus(out: str, n_warmup: int, n_rlp: int, n_heldout: int, seed: int, problems: int = 1) -> dict:
     from megatron_rlp.data.tokenizer import build_tokenizer, train_sentencepiece
     from tools.preprocess_data import preprocess
 
-    warm = demo_corpus.generate_documents(n_warmup, seed=seed, split="train", with_thoughts=True)
-    plain = demo_corpus.generate_documents(n_rlp, seed=seed + 1, split="train", with_thoughts=False)
-    held = demo_corpus.generate_documents(n_heldout, seed=seed + 2, split="heldout", with_thoughts=False)
+    kw = dict(problems_per_document=problems)
+    warm = demo_corpus.generate_documents(n_warmup, seed=seed, split="train", with_thoughts=True, **kw)
+    plain = demo_corpus.generate_documents(n_rlp, seed=seed + 1, split="train", with_thoughts=False, **kw)
+    held = demo_corpus.generate_documents(n_heldout, seed=seed + 2, split="heldout", with_thoughts=False, **kw)
     model_path = train_sentencepiece([d.text for d in warm + plain], os.path.join(out, "tokenizer"), vocab_size=128)
     tok = build_tokenizer("SentencePieceTokenizer", model_path)
     paths = {"tokenizer": model_path}
