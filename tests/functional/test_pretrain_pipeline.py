@@ -1,6 +1,7 @@
 """preprocess -> train -> save -> resume, and how bad input is reported (single process)."""
 
 import json
+import math
 import os
 
 import pytest
@@ -154,3 +155,9 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(dataset,
         parallel.destroy()
     assert read_tracker(save) == 3  # iteration 3 was saved; nothing after it
     assert not any(name.endswith(".tmp") for name in os.listdir(save))
+
+
+def test_bf16_training_learns(dataset):
+    history = _train(tiny_run_args(dataset, iters=4, bf16=True, lr=3e-3))
+    assert all(math.isfinite(l) for l in losses(history))
+    assert losses(history)[-1] < losses(history)[0]
