@@ -1,6 +1,7 @@
 """`make demo`: warm up a tiny model with next-token prediction, then RLP, and measure thinking.
 
-1. Corpus (megatron_rlp/data/demo_corpus.py): short documents of 3-digit addition.  Warm-up
+1. Corpus (megatron_rlp/data/demo_corpus.py): short documents of 3-digit addition, one problem
+   per document (keeps sequences short on a 2-core CPU).  Warm-up
    documents show, for half of the problems, a worked thought right before one answer digit;
    RLP and held-out documents are plain text.  A SentencePiece tokenizer is trained on it
    (digits split, <think> and </think> single tokens) and the text becomes .bin/.idx.
@@ -76,9 +77,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--warmup-iters", type=int, default=400)
-    p.add_argument("--warmup-decay-iters", type=int, default=1000)
-    p.add_argument("--rlp-iters", type=int, default=500)
+    p.add_argument("--warmup-iters", type=int, default=600)
+    p.add_argument("--warmup-decay-iters", type=int, default=1500)
+    p.add_argument("--rlp-iters", type=int, default=250)
     p.add_argument("--num-thoughts", type=int, default=4)
     p.add_argument("--thought-len", type=int, default=24)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     _log("1/5 corpus, tokenizer, .bin/.idx")
-    paths = prepare_corpus(args.out, n_warmup=20000, n_rlp=4000, n_heldout=args.eval_docs, seed=args.seed)
+    paths = prepare_corpus(args.out, n_warmup=40000, n_rlp=8000, n_heldout=args.eval_docs, seed=args.seed)
 
     _log(f"2/5 next-token warm-up: {args.warmup_iters} iterations")
     warm_ckpt = os.path.join(args.out, "ckpt_warmup")
