@@ -11,9 +11,9 @@ Passes: ``fwd`` (forward under no_grad, as for the information-gain reward) and 
 
 Peak memory: one fresh subprocess per (implementation, pass) measures its first call.  On CPU
 that is the process RSS high-water mark above the RSS just before the call (VmHWM reset through
-``/proc/self/clear_refs``; tracemalloc cannot see torch); on CUDA ``torch.cuda.max_memory_allocated``
-above the allocation before the call (after one warm-up call, so Triton's autotuning is not
-counted).  Gradients and outputs count; the inputs do not.
+``/proc/self/clear_refs``; tracemalloc cannot see torch); on CUDA
+``torch.cuda.max_memory_allocated`` above the allocation before the call (after one warm-up
+call, so Triton's autotuning is not counted).  Gradients and outputs count; the inputs do not.
 
 Time: one subprocess per pass runs all implementations round-robin (``--repeats`` rounds after
 a warm-up round) and keeps each one's fastest call, so that load from other processes on a
@@ -200,7 +200,9 @@ def _cuda_available() -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--num-tokens", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--vocab", type=int, default=32000)
@@ -208,12 +210,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
     p.add_argument("--impls", default="naive,reference,triton",
                    help=f"comma-separated subset of {','.join(IMPLS)} (naive is always run)")
-    p.add_argument("--passes", default=",".join(PASSES), help="comma-separated subset of fwd,fwd+bwd")
+    p.add_argument("--passes", default=",".join(PASSES),
+                   help="comma-separated subset of fwd,fwd+bwd")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="reference: token rows per logits block (default 4096)")
     p.add_argument("--vocab-chunk", type=int, default=None,
-                   help="reference: vocabulary columns per logits block (default 1024)")
-    p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense roofline for the share")
+                   help="reference: vocabulary columns per logits block "
+                        "(default 2**23 // rows, at least 256)")
+    p.add_argument("--peak-tflops", type=float, default=790.0,
+                   help="bf16 dense roofline for the share")
     p.add_argument("--worker", choices=("memory", "time"), help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--pass", dest="pass_", choices=PASSES, help=argparse.SUPPRESS)
@@ -285,7 +290,8 @@ def _print_row(rec: dict) -> None:
     if "tflops" in rec:
         extra = f"  {rec['tflops']:7.1f} TFLOP/s  {100 * rec['roofline_share']:5.1f}% of roofline"
     print(
-        f"{rec['impl']:>14} {rec['pass']:>8}  time {rec['time_s']:8.4f} s ({rec['time_ratio']:.3f}x naive)"
+        f"{rec['impl']:>14} {rec['pass']:>8}  time {rec['time_s']:8.4f} s "
+        f"({rec['time_ratio']:.3f}x naive)"
         f"  peak {rec['peak_mib']:9.1f} MiB ({rec['peak_ratio']:.4f}x naive)"
         f"  executed {rec['executed_flops_ndv']}NDV{extra}",
         flush=True,

@@ -33,11 +33,15 @@ from megatron_rlp.kernels.vocab_parallel import (
 )
 
 # Block of logits the reference keeps alive: ``chunk_size`` token rows x ``vocab_chunk`` vocabulary
-# columns (4 MiB in fp32 by default).  Tuned with tools/bench_logprob.py on the CPU target shape
-# (N=4096, D=256, V=32000 fp32, 2 cores): narrow vocabulary blocks keep every elementwise pass in
-# cache and give the matmuls a long M dimension; see the tool's report for the numbers.
+# columns, by default as many columns as fit DEFAULT_BLOCK_ELEMENTS (32 MiB of fp32; 4096 x 2048
+# on the CPU target shape N=4096, D=256, V=32000).  Tuned with tools/bench_logprob.py on a
+# 2-core CPU: narrower blocks (256-1024 columns) are as fast on an idle machine, but every block
+# costs a handful of multi-threaded ops, and on a busy machine each of those waits for its
+# threads; 2048 columns was the best compromise measured.  Peak memory stays far below 1/5 of the
+# materialised logits either way.
 DEFAULT_CHUNK_SIZE = 4096
-DEFAULT_VOCAB_CHUNK = 1024
+DEFAULT_BLOCK_ELEMENTS = 1 << 23
+MIN_VOCAB_CHUNK = 256
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -51,6 +55,16 @@ def _block(value: Optional[int], default: int, what: str) -> int:
     if value < 1:
         raise ValueError(f"{what} must be >= 1, got {value}")
     return int(value)
+
+
+def block_shape(
+    n: int, shard: int, chunk_size: Optional[int], vocab_chunk: Optional[int]
+) -> tuple[int, int]:
+    """(token rows, vocabulary columns) of one logits block."""
+    rows = _block(chunk_size, DEFAULT_CHUNK_SIZE, "chunk_size")
+    default_cols = max(MIN_VOCAB_CHUNK, DEFAULT_BLOCK_ELEMENTS // max(1, min(n, rows)))
+    cols = _block(vocab_chunk, default_cols, "vocab_chunk")
+    return rows, cols
 
 
 def _target_rows(local_tgt_c: torch.Tensor):
@@ -119,8 +133,7 @@ def reference_shard_stats(
     w = weight.to(cd)
     n, shard = hidden.shape[0], w.shape[0]
     stats = torch.zeros(n, 3 if entropy else 2, dtype=cd, device=hidden.device)
-    rows_step = _block(chunk_size, DEFAULT_CHUNK_SIZE, "chunk_size")
-    vocab_step = _block(vocab_chunk, DEFAULT_VOCAB_CHUNK, "vocab_chunk")
+    rows_step, vocab_step = block_shape(n, shard, chunk_size, vocab_chunk)
     block = _BlockBuffer(min(n, rows_step), min(shard, vocab_step), cd, hidden.device)
     for s in range(0, n, rows_step):
         e = min(n, s + rows_step)
@@ -184,8 +197,7 @@ def reference_shard_grads(
     grad_w = torch.zeros_like(w) if need_weight else None
     if not (need_hidden or need_weight):
         return grad_h, grad_w
-    rows_step = _block(chunk_size, DEFAULT_CHUNK_SIZE, "chunk_size")
-    vocab_step = _block(vocab_chunk, DEFAULT_VOCAB_CHUNK, "vocab_chunk")
+    rows_step, vocab_step = block_shape(n, shard, chunk_size, vocab_chunk)
     with_ent = grad_ent is not None
     block = _BlockBuffer(min(n, rows_step), min(shard, vocab_step), cd, dev)
     probs = _BlockBuffer(min(n, rows_step), min(shard, vocab_step), cd, dev) if with_ent else None
@@ -225,7 +237,9 @@ def reference_shard_grads(
                 acc_h.mul_(a.neg().unsqueeze(1))
             acc_h.index_add_(0, rows, w.index_select(0, cols) * a_rows)
         if need_weight:
-            grad_w.index_add_(0, cols, h.index_select(0, rows) * a_rows)
+            # index_put_ with accumulate: repeated targets add up (and it is ~8x faster on CPU
+            # than index_add_ into a V_r x D tensor)
+            grad_w.index_put_((cols,), h.index_select(0, rows) * a_rows, accumulate=True)
     return grad_h, grad_w
 
 
@@ -288,5 +302,12 @@ def reference_information_gain(
 ) -> torch.Tensor:
     """Torch reference of :func:`megatron_rlp.kernels.information_gain`."""
     return apply_information_gain(
-        ReferenceBackend(chunk_size, vocab_chunk), h_think, w_policy, h_nothink, w_ema, targets, tp_group, ignore_index
+        ReferenceBackend(chunk_size, vocab_chunk),
+        h_think,
+        w_policy,
+        h_nothink,
+        w_ema,
+        targets,
+        tp_group,
+        ignore_index,
     )

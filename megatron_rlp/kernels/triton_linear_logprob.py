@@ -42,8 +42,10 @@ import triton.language as tl
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 SUPPORTED_DTYPES = (torch.float32,) + LOW_PRECISION
 
-# Interpreter block sizes: tl.dot wants every dimension >= 16 on a GPU; keep the same rule here.
-CPU_BLOCKS = {"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 128}
+# Interpreter block sizes: large, since the interpreter's cost is per tl op, not per element
+# (it runs every program instance in numpy); tests pass smaller blocks to cover ragged edges.
+# tl.dot wants every dimension >= 16 on a GPU; the same rule holds for any blocks given here.
+CPU_BLOCKS = {"BLOCK_N": 512, "BLOCK_V": 512, "BLOCK_D": 128}
 
 
 def interpreting() -> bool:
@@ -320,7 +322,8 @@ def _tuned(name: str):
             "dw": (_bwd_dw_kernel, ["gw_ptr"]),
             "atomic": (_bwd_atomic_kernel, ["gh_ptr", "gw_ptr"]),
         }[name]
-        _TUNED[name] = triton.autotune(configs=_configs(), key=["V", "D"], reset_to_zero=reset)(kernel)
+        tuner = triton.autotune(configs=_configs(), key=["V", "D"], reset_to_zero=reset)
+        _TUNED[name] = tuner(kernel)
     return _TUNED[name]
 
 
@@ -350,13 +353,19 @@ def _launch_options(hidden: torch.Tensor, weight: torch.Tensor, blocks: Optional
         precision = "ieee"  # only read for fp32 operands; bf16/fp16 tiles use tensor cores
     if blocks is not None:
         blocks = {k.upper(): int(v) for k, v in blocks.items()}
+        if set(blocks) != set(CPU_BLOCKS) or any(
+            v < 16 or v & (v - 1) for v in blocks.values()
+        ):
+            raise ValueError(f"blocks must give BLOCK_N/V/D, powers of two >= 16: {blocks}")
         return (lambda name: _KERNELS[name]), blocks, upcast, precision
     if interp:
         return (lambda name: _KERNELS[name]), dict(CPU_BLOCKS), upcast, precision
     return _tuned, {}, upcast, precision
 
 
-_KERNELS = {"fwd": _fwd_kernel, "dh": _bwd_dh_kernel, "dw": _bwd_dw_kernel, "atomic": _bwd_atomic_kernel}
+_KERNELS = {
+    "fwd": _fwd_kernel, "dh": _bwd_dh_kernel, "dw": _bwd_dw_kernel, "atomic": _bwd_atomic_kernel
+}
 
 
 def triton_shard_stats(
@@ -418,7 +427,9 @@ def triton_shard_grads(
     if not deterministic:
         gh = grad_h if need_hidden else dummy
         gw = grad_w if need_weight else dummy
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]))  # noqa: E731
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"])
+        )
         get("atomic")[grid](
             *common, gh, gw, n, v, d, *strides,
             gh.stride(0) if need_hidden else 0, gw.stride(0) if need_weight else 0,

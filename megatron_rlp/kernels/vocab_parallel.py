@@ -199,7 +199,8 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         )
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
-            f"targets {tuple(targets.shape)} must match hidden {tuple(hidden.shape)} minus its last dim"
+            f"targets {tuple(targets.shape)} must match hidden {tuple(hidden.shape)} "
+            "minus its last dim"
         )
     if targets.is_floating_point() or targets.is_complex():
         raise TypeError(f"targets must be integer token ids, got {targets.dtype}")

@@ -111,7 +111,8 @@ def test_tp2_one_packed_collective_per_pass(model_parallel, monkeypatch):
     """Forward: exactly one all-gather and no all-reduce; backward: one all-reduce (hidden)."""
     group, rank, rows, h, w, t = _setup(model_parallel, seed=2)
     calls = []
-    real = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "all_gather_into_tensor")}
+    names = ("all_reduce", "all_gather", "all_gather_into_tensor")
+    real = {name: getattr(dist, name) for name in names}
     if hasattr(dist, "all_gather_single"):
         real["all_gather_single"] = dist.all_gather_single
 
@@ -153,7 +154,8 @@ def test_tp2_hidden_grad_not_reduced_on_request(model_parallel):
     """reduce_hidden_grad=False leaves this shard's partial sum (for sequence-parallel callers)."""
     group, rank, rows, h, w, t = _setup(model_parallel, seed=4)
     oh = h.clone().requires_grad_()
-    linear_logprob(oh, w[rows], t, group, impl="reference", reduce_hidden_grad=False).sum().backward()
+    lp = linear_logprob(oh, w[rows], t, group, impl="reference", reduce_hidden_grad=False)
+    lp.sum().backward()
     partial = oh.grad.clone()
     total = partial.clone()
     dist.all_reduce(total, group=group)
