@@ -27,10 +27,10 @@ Choosing the implementation: ``impl="triton"|"reference"`` forces one; ``impl="a
 ``MEGATRON_RLP_LOGPROB_IMPL`` (``auto``/``triton``/``reference``) and otherwise takes Triton on
 CUDA tensors, the reference on CPU - unless ``TRITON_INTERPRET=1`` is set, which selects the
 Triton interpreter on CPU (tests/conftest.py sets it for the whole test suite).  The interpreter
-is a correctness tool: ~1 s for a 256-token x 512-vocab forward+backward, ~4 s at 1024 x 1024
-(the reference takes milliseconds), so a CPU test that only needs the numbers should pass
-``impl="reference"`` or set ``MEGATRON_RLP_LOGPROB_IMPL=reference``.  fp64 inputs always use the
-reference.
+is a correctness tool, several times slower than the reference (CPU time for forward+backward
+with entropy: ~0.1 s at 256 tokens x 512 vocab x 64 hidden, ~0.6 s at 1024 x 1024 x 128), so a
+CPU test that only needs the numbers can pass ``impl="reference"`` or set
+``MEGATRON_RLP_LOGPROB_IMPL=reference``.  fp64 inputs always use the reference.
 
 Differences from megatron-core's ``vocab_parallel_cross_entropy``: it materialises the logits
 and uses three all-reduces (max, target logit, sum-exp); here the logits are never stored, the

@@ -45,7 +45,7 @@ SUPPORTED_DTYPES = (torch.float32,) + LOW_PRECISION
 # Interpreter block sizes: large, since the interpreter's cost is per tl op, not per element
 # (it runs every program instance in numpy); tests pass smaller blocks to cover ragged edges.
 # tl.dot wants every dimension >= 16 on a GPU; the same rule holds for any blocks given here.
-CPU_BLOCKS = {"BLOCK_N": 512, "BLOCK_V": 512, "BLOCK_D": 128}
+CPU_BLOCKS = {"BLOCK_N": 256, "BLOCK_V": 512, "BLOCK_D": 128}
 
 
 def interpreting() -> bool:
