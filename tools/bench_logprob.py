@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--passes", default=",".join(PASSES),
                    help="comma-separated subset of fwd,fwd+bwd")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="reference: token rows per logits block (default 4096)")
+                   help="reference: token rows per logits block (default 2048)")
     p.add_argument("--vocab-chunk", type=int, default=None,
                    help="reference: vocabulary columns per logits block "
                         "(default 2**23 // rows, at least 256)")

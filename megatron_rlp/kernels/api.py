@@ -92,7 +92,7 @@ def linear_logprob(
         reduce_hidden_grad: all-reduce the hidden gradient over ``tp_group`` (as megatron's
             column-parallel output layer does); turn off only if the caller reduces it.
         chunk_size, vocab_chunk: the reference's logits block, token rows x vocabulary columns
-            (defaults: 4096 rows, as many columns as fit 2**23 elements, at least 256);
+            (defaults: 2048 rows, as many columns as fit 2**23 elements, at least 256);
             ignored by Triton.
 
     Returns:
