@@ -237,9 +237,14 @@ def reference_shard_grads(
                 acc_h.mul_(a.neg().unsqueeze(1))
             acc_h.index_add_(0, rows, w.index_select(0, cols) * a_rows)
         if need_weight:
-            # index_put_ with accumulate: repeated targets add up (and it is ~8x faster on CPU
-            # than index_add_ into a V_r x D tensor)
-            grad_w.index_put_((cols,), h.index_select(0, rows) * a_rows, accumulate=True)
+            # Sum repeated targets first (index_add_ into a small [unique, D] tensor is serial,
+            # hence deterministic), then write each vocabulary row once: index_put_ with
+            # accumulate on repeated indices uses float atomics on multi-threaded CPUs, whose
+            # order varies from run to run.  Both are far faster than index_add_ into V_r x D.
+            uniq, inverse = torch.unique(cols, return_inverse=True)
+            per_target = torch.zeros(uniq.numel(), h.shape[1], dtype=cd, device=dev)
+            per_target.index_add_(0, inverse, h.index_select(0, rows) * a_rows)
+            grad_w.index_put_((uniq,), per_target, accumulate=True)
     return grad_h, grad_w
 
 

@@ -273,6 +273,27 @@ def test_deterministic_backward_is_bitwise_reproducible():
             assert torch.equal(a, b)
 
 
+def test_reference_backward_is_reproducible_with_threads_and_many_repeats():
+    # Large enough that torch parallelises the scatter of repeated targets (2 threads): float
+    # atomics there (index_put_ with accumulate) gave a different weight gradient on every call,
+    # which made RLP runs diverge from run to run.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        n, d, v = 2048, 64, 12
+        h, w, t = _inputs(n, d, v, seed=5)
+        ga = torch.randn(n, generator=torch.Generator().manual_seed(6))
+        grads = set()
+        for _ in range(6):
+            ww = w.clone().requires_grad_()
+            lp = reference_linear_logprob(h, ww, t, chunk_size=n, vocab_chunk=v)
+            (lp * ga).sum().backward()
+            grads.add(ww.grad.numpy().tobytes())
+        assert len(grads) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_only_requested_gradients_are_computed():
     h, w, t = _inputs(18, 16, 40)
     hh = h.clone().requires_grad_()
