@@ -15,6 +15,7 @@ and are restored only when the layout matches.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing as mp
 import os
 import shutil
 from typing import Optional
@@ -98,6 +99,17 @@ def _model_sharded_state_dict(model_chunks) -> dict:
     return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
 
 
+def _write(state: dict, directory: str) -> None:
+    """dist_checkpointing.save, with megatron-core's writer-results queue served by a forked
+    process: its default, a *spawned* Manager, re-imports the caller's ``__main__``, so a script
+    without an ``if __name__ == "__main__"`` guard would start training again inside it."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None and "fork" in mp.get_all_start_methods():
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+    dist_checkpointing.save(state, directory)
+
+
 def _begin_save(root: str, iteration: int) -> tuple[str, str]:
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
@@ -132,7 +144,7 @@ def save_model_checkpoint(root: str, model_chunks, model_signature: dict, iterat
     state["model_signature"] = model_signature
     state["parallel_layout"] = _layout()
     state["weights_only"] = True
-    dist_checkpointing.save(state, tmp)
+    _write(state, tmp)
     _commit_save(root, iteration, final, tmp)
     return final
 
@@ -160,7 +172,7 @@ def save_checkpoint(
     state["objective"] = objective.state_dict()
     state["model_signature"] = model_signature
     state["parallel_layout"] = _layout()
-    dist_checkpointing.save(state, tmp)
+    _write(state, tmp)
     _commit_save(root, iteration, final, tmp)
     return final
 

@@ -161,3 +161,28 @@ def test_bf16_training_learns(dataset):
     history = _train(tiny_run_args(dataset, iters=4, bf16=True, lr=3e-3))
     assert all(math.isfinite(l) for l in losses(history))
     assert losses(history)[-1] < losses(history)[0]
+
+
+def test_script_without_main_guard_saves_once(dataset, tmp_path):
+    # megatron-core's checkpoint writer serves its results queue from a Manager process; when that
+    # process is *spawned* it re-imports the caller's __main__, so a plain script (no
+    # `if __name__ == "__main__"`) would run its training a second time inside it and crash.
+    import subprocess
+    import sys
+
+    save = str(tmp_path / "ckpt")
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        "import sys\n"
+        "from megatron_rlp.pretrain import parse_run_config, run_training\n"
+        "print('module body ran', flush=True)\n"
+        f"run_training(parse_run_config({tiny_run_args(dataset, iters=2, save=save)!r}))\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("module body ran") == 1
+    assert read_tracker(save) == 2
