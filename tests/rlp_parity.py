@@ -36,6 +36,7 @@ LR = 0.5
 
 class MarkerTokenizer:
     eod = EOD
+    vocab_size = CLOSE + 1  # ids 0..502; the tiny model's embedding is padded to 512
 
     def token_to_id(self, piece):
         return {"<think>": OPEN, "</think>": CLOSE}.get(piece)
@@ -64,7 +65,9 @@ class GivenThoughtSource:
         self.calls = []
 
     def __call__(self, model, documents, positions, num_thoughts, max_thought_len, open_id, close_id, eod_id,
-                 temperature, seed, max_sequence_length, micro_batch_size=None):
+                 temperature, seed, max_sequence_length, micro_batch_size=None, vocab_size=None):
+        # The step must restrict sampling to the tokenizer's ids, not the padded embedding.
+        assert vocab_size == MarkerTokenizer.vocab_size, vocab_size
         self.calls.append(([d.clone() for d in documents], [list(p) for p in positions]))
         contexts = [(b, t) for b, pos in enumerate(positions) for t in pos]
         n, length = len(contexts), self.cap

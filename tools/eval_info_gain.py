@@ -56,6 +56,7 @@ def evaluate_checkpoint(run, num_docs: int, positions_file: Optional[str], num_t
         return evaluate_thinking(
             model, docs, positions, sample_thoughts, num_thoughts, thought_len, temperature,
             open_id, close_id, tokenizer.eod, seed, state.preset.max_position_embeddings,
+            vocab_size=tokenizer.vocab_size,
         )
     finally:
         parallel.destroy()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -87,6 +88,7 @@ def evaluate_thinking(
     seed: int,
     max_sequence_length: int,
     batch_size: int = 256,
+    vocab_size: Optional[int] = None,
 ) -> ThinkingEval:
     was_training = model.training
     model.eval()
@@ -96,7 +98,7 @@ def evaluate_thinking(
         thoughts = sample_thoughts(
             model, documents, positions, num_thoughts=num_thoughts, max_thought_len=thought_len,
             open_id=open_id, close_id=close_id, eod_id=eod_id, temperature=temperature, seed=seed,
-            max_sequence_length=max_sequence_length,
+            max_sequence_length=max_sequence_length, vocab_size=vocab_size,
         )
         closed, closed_len = thoughts.closed_tokens(eod_id)
         seqs = build_update_sequences(documents, thoughts.doc_index, thoughts.position, closed, closed_len,

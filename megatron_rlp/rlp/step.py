@@ -224,6 +224,7 @@ class RLPObjective:
         self.stream = stream
         self.open_id, self.close_id = resolve_markers(config, tokenizer)
         self.eod_id = tokenizer.eod
+        self.sampling_vocab_size = tokenizer.vocab_size  # never the embedding's padding
         self.pad_id = tokenizer.eod
         self.micro_batch_size = state.run.training.micro_batch_size
         self.seed = state.run.training.seed
@@ -332,7 +333,7 @@ class RLPObjective:
             open_id=self.open_id, close_id=self.close_id, eod_id=self.eod_id,
             temperature=c.rlp_temperature, seed=_sample_seed(self.seed, self.sample_batches, dp_rank),
             max_sequence_length=self.max_sequence_length,
-            micro_batch_size=c.rlp_sampler_micro_batch_size,
+            micro_batch_size=c.rlp_sampler_micro_batch_size, vocab_size=self.sampling_vocab_size,
         )
         closed, closed_len = thoughts.closed_tokens(self.pad_id)
         # x_<t, open, thought + close, x_t, minus the last token (inputs only).

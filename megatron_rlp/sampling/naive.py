@@ -21,7 +21,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_rlp.sampling.pipeline import StageInfo, run_pipelined
 from megatron_rlp.sampling.sampler import _check_model, assemble_batch, summary_stats
-from megatron_rlp.sampling.thoughts import ThoughtJob, validate_request
+from megatron_rlp.sampling.thoughts import ThoughtJob, sampling_vocab_size, validate_request
 
 
 def sample_thoughts_naive(
@@ -36,14 +36,15 @@ def sample_thoughts_naive(
     temperature: float,
     seed: int,
     max_sequence_length: int,
+    vocab_size: Optional[int] = None,
 ):
     """Same arguments and result as :func:`megatron_rlp.sampling.sample_thoughts`, computed
     without prefix sharing (see module docstring)."""
     _check_model(model)
+    vocab_size = sampling_vocab_size(model, vocab_size)
     contexts = validate_request(
         documents, positions, num_thoughts, max_thought_len, temperature, max_sequence_length,
-        {"open_id": open_id, "close_id": close_id, "eod_id": eod_id},
-        getattr(model, "vocab_size", None),
+        {"open_id": open_id, "close_id": close_id, "eod_id": eod_id}, vocab_size,
     )
     stage = StageInfo.current()
     device = next(model.parameters()).device
@@ -62,7 +63,7 @@ def sample_thoughts_naive(
                 job = ThoughtJob(
                     model, stage, rows, torch.full((g,), t), ctx, t, max_thought_len,
                     open_id, close_id, eod_id, float(temperature), int(seed), device,
-                    prefix=prefix,
+                    prefix=prefix, vocab_size=vocab_size,
                 )
                 phase = run_pipelined(model, stage, [job], feedback=True)
                 job.context = None  # free the cache; the records stay

@@ -84,6 +84,7 @@ from megatron_rlp.sampling.thoughts import (
     ThoughtBatch,
     ThoughtJob,
     TreeThoughtJob,
+    sampling_vocab_size,
     validate_request,
 )
 
@@ -263,6 +264,7 @@ def sample_thoughts(
     max_sequence_length: int,
     micro_batch_size: Optional[int] = None,
     layout: str = "auto",
+    vocab_size: Optional[int] = None,
 ) -> ThoughtBatch:
     """Sample ``num_thoughts`` (G) thoughts at every position of every document.
 
@@ -277,11 +279,13 @@ def sample_thoughts(
     ``layout``: "tree" (one cache row per context, branches as query tokens: prefix shared in
     decode; GPT models whose attention honours the mask), "rows" (one cache row per branch;
     required for Mamba layers) or "auto" (the cheaper by :func:`decode_cost` where both work).
+    ``vocab_size``: the tokenizer's vocabulary; ids past it (the padding of the model's
+    embedding) are never sampled.  Default: the model's whole vocabulary.
     Returns the same :class:`ThoughtBatch` on every rank of the
     model-parallel group; ``.stats`` holds timings, token counts and the pipeline bubble.
     """
     _check_model(model)
-    vocab_size = getattr(model, "vocab_size", None)
+    vocab_size = sampling_vocab_size(model, vocab_size)
     contexts = validate_request(
         documents,
         positions,
@@ -346,7 +350,8 @@ def sample_thoughts(
                     )
                     decode_jobs.append(
                         TreeThoughtJob(
-                            model, stage, plan, lengths, ctx, align, num_thoughts, *common
+                            model, stage, plan, lengths, ctx, align, num_thoughts, *common,
+                            vocab_size=vocab_size,
                         )
                     )
             else:
@@ -363,7 +368,10 @@ def sample_thoughts(
                         align + max_thought_len, device,
                     )
                     decode_jobs.append(
-                        ThoughtJob(model, stage, torch.tensor(plan), lengths, ctx, align, *common)
+                        ThoughtJob(
+                            model, stage, torch.tensor(plan), lengths, ctx, align, *common,
+                            vocab_size=vocab_size,
+                        )
                     )
             for job in prefill_jobs:  # the forked contexts hold copies; free the prefill caches
                 job.context = None

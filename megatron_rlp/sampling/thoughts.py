@@ -90,6 +90,20 @@ class ThoughtBatch:
         return out, self.lengths + self.forced.long()
 
 
+def sampling_vocab_size(model, vocab_size: Optional[int]) -> Optional[int]:
+    """The ids a sampler may draw: ``0 .. vocab_size-1`` (the tokenizer's vocabulary), never the
+    padding of the model's embedding past it.  ``None`` means the model's whole vocabulary."""
+    model_vocab = getattr(model, "vocab_size", None)
+    if vocab_size is None:
+        return model_vocab
+    if model_vocab is not None and isinstance(vocab_size, int) and vocab_size > model_vocab:
+        raise ValueError(
+            f"vocab_size {vocab_size} exceeds the model's vocabulary ({model_vocab}); the tokenizer "
+            "has more ids than the embedding: raise --model-vocab-size or pick a smaller tokenizer"
+        )
+    return vocab_size
+
+
 def validate_request(
     documents: Sequence[torch.Tensor],
     positions: Sequence[Sequence[int]],
@@ -101,6 +115,8 @@ def validate_request(
     vocab_size: Optional[int],
 ) -> list[tuple[int, int]]:
     """Check a sampling request; returns the (document, position) contexts in order."""
+    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
     if not isinstance(num_thoughts, int) or num_thoughts < 1:
         raise ValueError(f"num_thoughts (G) must be an integer >= 1, got {num_thoughts!r}")
     if not isinstance(max_thought_len, int) or max_thought_len < 1:
@@ -225,7 +241,7 @@ class ThoughtRecorder:
 
     def __init__(self, model, stage: StageInfo, rows: torch.Tensor, max_thought_len: int,
                  close_id: int, eod_id: Optional[int], temperature: float, seed: int,
-                 device: torch.device):
+                 device: torch.device, vocab_size: Optional[int] = None):
         self.model, self.stage = model, stage
         self.rows = rows.to(device)
         self.close_id, self.eod_id = close_id, eod_id
@@ -238,7 +254,9 @@ class ThoughtRecorder:
         self.lengths = torch.zeros(b, dtype=torch.int64, device=device)
         self.stop = torch.full((b,), -1, dtype=torch.int64, device=device)
         self.done = torch.zeros(b, dtype=torch.bool, device=device)
-        self.vocab_size = getattr(model, "vocab_size", None)
+        # Ids >= vocab_size (the padding of the model's embedding past the tokenizer) are never
+        # sampled: they are not text, and a policy that learns to emit them games the reward.
+        self.vocab_size = vocab_size if vocab_size is not None else getattr(model, "vocab_size", None)
 
     def record(self, step: int, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [rows, h] of ``step`` -> sampled tokens [rows]."""
@@ -302,9 +320,11 @@ class ThoughtJob:
         seed: int,
         device: torch.device,
         prefix: Optional[torch.Tensor] = None,
+        vocab_size: Optional[int] = None,
     ):
         self.recorder = ThoughtRecorder(
-            model, stage, rows, max_thought_len, close_id, eod_id, temperature, seed, device
+            model, stage, rows, max_thought_len, close_id, eod_id, temperature, seed, device,
+            vocab_size=vocab_size,
         )
         self.batch_size = self.feedback_size = rows.numel()
         self.context = context
@@ -384,11 +404,13 @@ class TreeThoughtJob:
         temperature: float,
         seed: int,
         device: torch.device,
+        vocab_size: Optional[int] = None,
     ):
         g = num_thoughts
         rows = torch.tensor([n * g + j for n in contexts for j in range(g)], dtype=torch.int64)
         self.recorder = ThoughtRecorder(
-            model, stage, rows, max_thought_len, close_id, eod_id, temperature, seed, device
+            model, stage, rows, max_thought_len, close_id, eod_id, temperature, seed, device,
+            vocab_size=vocab_size,
         )
         self.num_thoughts = g
         self.batch_size = len(contexts)

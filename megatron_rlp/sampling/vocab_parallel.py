@@ -23,8 +23,9 @@ noise, and so does a naive sampler that processes the rows in another order.
 Two log-probabilities are returned for every sampled token:
 
 * ``logprobs``          log p_θ(token) = z_token − logsumexp(z): the model's own (untempered)
-  log-probability.  This is what the RLP ratio π_θ / π_θold needs (the update recomputes log p_θ
-  without a temperature).
+  log-probability over its whole (padded) vocabulary.  This is what the RLP ratio π_θ / π_θold
+  needs (the update recomputes log p_θ without a temperature, as the training loss does).
+* ids ``>= vocab_size`` (the embedding's padding past the tokenizer) are never drawn.
 * ``tempered_logprobs`` log softmax(z/T)[token]: the log-probability under the distribution that
   was actually sampled from.  Greedy decoding (T = 0) samples from a point mass: 0.
 
@@ -122,7 +123,8 @@ def sample_vocab_parallel(
     rank = dist.get_rank(group=tp_group) if world > 1 else 0
     b, shard = logits.shape
     start = rank * shard
-    z = logits.float()
+    z_model = logits.float()
+    z = z_model
     if vocab_size is not None and start + shard > vocab_size:
         valid = torch.arange(start, start + shard, device=z.device) < vocab_size
         z = z.masked_fill(~valid[None, :], float("-inf"))
@@ -135,7 +137,9 @@ def sample_vocab_parallel(
         lse_t = torch.zeros(b, dtype=z.dtype, device=z.device)
     best, arg = score.max(dim=-1)
     z_best = z.gather(-1, arg[:, None])[:, 0]
-    lse = torch.logsumexp(z, dim=-1)
+    # log p_θ normalises over the model's whole (padded) vocabulary, exactly as the training
+    # loss and the RLP update compute it; only the draw itself excludes the padding.
+    lse = torch.logsumexp(z_model, dim=-1)
     stats = torch.stack(
         [best.double(), (arg + start).double(), z_best.double(), lse.double(), lse_t.double()],
         dim=-1,

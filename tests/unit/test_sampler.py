@@ -155,10 +155,11 @@ def test_greedy_ties_and_padded_vocabulary():
     assert out.tokens.tolist() == [1, 3]  # lowest id on a tie
     assert torch.equal(out.tempered_logprobs, torch.zeros(2))
     torch.testing.assert_close(out.logprobs, torch.log_softmax(z, -1).gather(-1, out.tokens[:, None])[:, 0])
-    # ids >= vocab_size (padding) are never drawn and do not count in the normaliser
+    # ids >= vocab_size (padding) are never drawn; log p_θ still normalises over the model's whole
+    # vocabulary, as the training loss and the RLP update do
     capped = sample_vocab_parallel(z, 0.0, 0, 0, torch.arange(2), vocab_size=3)
     assert capped.tokens.tolist() == [1, 0]
-    torch.testing.assert_close(capped.logprobs, torch.log_softmax(z[:, :3], -1).gather(-1, capped.tokens[:, None])[:, 0])
+    torch.testing.assert_close(capped.logprobs, torch.log_softmax(z, -1).gather(-1, capped.tokens[:, None])[:, 0])
     hot = sample_vocab_parallel(z.repeat(500, 1), 2.0, 0, 0, torch.arange(1000), vocab_size=3)
     assert hot.tokens.max() < 3
 
@@ -315,6 +316,39 @@ def test_hybrid_cached_decoding_matches_full_recompute(models):
     assert torch.equal(split.tokens, batch.tokens)
     with pytest.raises(ValueError, match="'tree' decode layout"):
         _sample(model, docs, layout="tree")
+
+
+def test_padded_vocabulary_is_never_sampled(models):
+    # The tokenizer has 303 ids; the embedding is padded to 512.  Make the padding dominate.
+    model = models["gpt"]
+    weight = model.output_layer.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight[303:] *= 50
+        kw = dict(open_id=300, close_id=301, eod_id=302, temperature=1.0, length=8)
+        free = _sample(model, **kw)
+        assert (free.tokens[free.mask] >= 303).any()
+        capped = _sample(model, vocab_size=303, **kw)
+        naive = sample_thoughts_naive(
+            model, _docs(), POSITIONS, 3, 8, 300, 301, 302, 1.0, 11, MAX_LEN, vocab_size=303
+        )
+        for batch in (capped, naive):
+            assert batch.tokens[batch.mask].max() < 303
+        assert torch.equal(capped.tokens, naive.tokens)
+        # log p_θ is the model's own, over the padded vocabulary (what the update computes); the
+        # tempered log-prob is that of the distribution actually drawn from (padding excluded)
+        logits = _full_forward_logits(model, _docs(), capped)
+        tokens, mask = capped.tokens.clamp(min=0)[..., None], capped.mask
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens)[..., 0]
+        tempered = torch.log_softmax(logits[..., :303], -1).gather(-1, tokens)[..., 0]
+        assert (logp - capped.logprobs).abs()[mask].max() <= 1e-4
+        assert (tempered - capped.tempered_logprobs).abs()[mask].max() <= 1e-4
+        with pytest.raises(ValueError, match="exceeds the model's vocabulary"):
+            _sample(model, vocab_size=513, **kw)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
 
 
 def test_bad_inputs_are_rejected(models):
