@@ -75,8 +75,15 @@ def uniform_noise(
     id_key = _mix32((_mul32(ids & _M32, 0x85EBCA6B) + 0x27D4EB2F) & _M32)  # [V]
     h = _mix32(row_key[:, None] ^ id_key[None, :])
     h = _mix32((h + row_key2[:, None]) & _M32)
-    # 24 high bits -> (0, 1), exactly representable in fp32.
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return hash_to_unit(h)
+
+
+def hash_to_unit(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64) -> fp32 in [2^-24, 1 - 2^-24], strictly inside (0, 1).
+
+    Uses the 23 high bits: with 24, the top value 1 - 2^-25 rounds to 1.0 in fp32, whose Gumbel
+    draw is +inf (and NaN next to a masked -inf logit)."""
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def gumbel_noise(
@@ -131,6 +138,8 @@ def sample_vocab_parallel(
     if temperature > 0:
         zt = z / temperature
         score = zt + gumbel_noise(seed, step, rows.to(z.device), start, shard)
+        if z is not z_model:
+            score = score.masked_fill(~valid[None, :], float("-inf"))
         lse_t = torch.logsumexp(zt, dim=-1)
     else:
         score = z

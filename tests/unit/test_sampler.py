@@ -23,6 +23,7 @@ from megatron_rlp.sampling import (
     thought_ratio_stats,
     uniform_noise,
 )
+from megatron_rlp.sampling.vocab_parallel import hash_to_unit
 from megatron_rlp.sampling import sampler as sampler_module
 from megatron_rlp.sampling.pipeline import schedule_bubble
 from megatron_rlp.training import parallel
@@ -128,6 +129,9 @@ def test_noise_is_a_function_of_global_vocab_id():
     big = uniform_noise(1, 0, torch.arange(200), 0, 1000)
     assert 0 < big.min() and big.max() < 1
     assert abs(big.mean().item() - 0.5) < 0.005 and abs(big.var().item() - 1 / 12) < 0.002
+    extremes = hash_to_unit(torch.tensor([0, 1, 2**32 - 2, 2**32 - 1]))
+    assert 0 < extremes.min() and extremes.max() < 1  # fp32: the top hash must not round to 1.0
+    assert torch.isfinite(-torch.log(-torch.log(extremes))).all()
     gumbel = gumbel_noise(1, 0, torch.arange(200), 0, 1000).double()
     assert abs(gumbel.mean().item() - 0.5772) < 0.02  # Euler-Mascheroni
     assert abs(gumbel.var().item() - math.pi**2 / 6) < 0.05
