@@ -1,16 +1,20 @@
 """`make demo`: warm up a tiny model with next-token prediction, then RLP, and measure thinking.
 
 1. Corpus (megatron_rlp/data/demo_corpus.py): short documents of 3-digit addition, one problem
-   per document (keeps sequences short on a 2-core CPU).  Warm-up
-   documents show, for half of the problems, a worked thought right before one answer digit;
-   RLP and held-out documents are plain text.  A SentencePiece tokenizer is trained on it
-   (digits split, <think> and </think> single tokens) and the text becomes .bin/.idx.
-2. Warm-up: next-token pretraining of the `tiny` preset (stopped early, where thinking helps
-   but thoughts are often wrong).
+   per document (keeps sequences short on a 2-core CPU).  Warm-up documents show, for half of the
+   problems, a worked thought right before one answer digit; RLP and held-out documents are plain
+   text.  A SentencePiece tokenizer is trained on it (digits split, <think> and </think> single
+   tokens) and the text becomes .bin/.idx.
+2. Warm-up: next-token pretraining of the `tiny` preset, stopped where thinking helps but thoughts
+   are often wrong.  The skill that is missing is copying the right operand digits into the later
+   steps of a thought; it appears abruptly (held-out, worked tens-column thoughts exactly right:
+   5% at iteration 600, 33% at 650, 68% at 700, 90% at 900), so the demo stops at 650.
 3. Evaluation on held-out documents at the answer digits: information gain and accuracy with a
    sampled thought, and accuracy without one.
 4. RLP on plain documents at the answer digits (no next-token term, as in the paper).
 5. The same evaluation after RLP; changes are paired per held-out document.
+6. Control: continued next-token pretraining on the same plain documents, same number of steps and
+   learning rate, from the same warm-up checkpoint — what the RLP data alone does without RLP.
 
 How this differs from the paper: a 0.8M-parameter model instead of Qwen3-1.7B, arithmetic
 instead of web text, G=4 thoughts of at most 24 tokens instead of 16 of 2048, and RLP positions
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--warmup-iters", type=int, default=600)
+    p.add_argument("--warmup-iters", type=int, default=650)
     p.add_argument("--warmup-decay-iters", type=int, default=1500)
     p.add_argument("--rlp-iters", type=int, default=250)
     p.add_argument("--num-thoughts", type=int, default=4)
@@ -86,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--rlp-docs-per-step", type=int, default=8)
     p.add_argument("--rlp-lr", type=float, default=1e-4)
     p.add_argument("--eval-docs", type=int, default=128)
+    p.add_argument("--no-control", action="store_true", help="skip the continued-pretraining control (step 6)")
     args = p.parse_args(argv)
 
     from megatron_rlp.pretrain import parse_run_config, run_training
@@ -94,10 +99,10 @@ def main(argv=None) -> int:
 
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
-    _log("1/5 corpus, tokenizer, .bin/.idx")
+    _log("1/6 corpus, tokenizer, .bin/.idx")
     paths = prepare_corpus(args.out, n_warmup=40000, n_rlp=8000, n_heldout=args.eval_docs, seed=args.seed)
 
-    _log(f"2/5 next-token warm-up: {args.warmup_iters} iterations")
+    _log(f"2/6 next-token warm-up: {args.warmup_iters} iterations")
     warm_ckpt = os.path.join(args.out, "ckpt_warmup")
     history = run_training(parse_run_config(common_args(paths, args.seed) + [
         "--data-path", paths["warmup"], "--seq-length", "128", "--micro-batch-size", "32",
@@ -109,10 +114,10 @@ def main(argv=None) -> int:
     loss = [h["lm loss"] for h in history]
     _log(f"   lm loss {loss[0]:.3f} -> {loss[-1]:.3f}")
 
-    _log("3/5 held-out evaluation before RLP")
+    _log("3/6 held-out evaluation before RLP")
     before = evaluate(paths, warm_ckpt, args, args.seed)
 
-    _log(f"4/5 RLP: {args.rlp_iters} iterations, G={args.num_thoughts}, thought cap {args.thought_len}")
+    _log(f"4/6 RLP: {args.rlp_iters} iterations, G={args.num_thoughts}, thought cap {args.thought_len}")
     rlp_ckpt = os.path.join(args.out, "ckpt_rlp")
     rlp_hist = run_training(parse_run_config(common_args(paths, args.seed) + [
         "--data-path", paths["rlp"], "--rlp", "--rlp-positions-file", paths["rlp_positions"],
@@ -126,8 +131,21 @@ def main(argv=None) -> int:
     parallel.destroy()
     _log(f"   reward {rlp_hist[0].get('rlp/reward_mean', float('nan')):+.3f} -> {rlp_hist[-1].get('rlp/reward_mean', float('nan')):+.3f}")
 
-    _log("5/5 held-out evaluation after RLP")
+    _log("5/6 held-out evaluation after RLP")
     after = evaluate(paths, rlp_ckpt, args, args.seed)
+
+    control = None
+    if not args.no_control:
+        _log(f"6/6 control: {args.rlp_iters} next-token iterations on the same plain documents")
+        ntp_ckpt = os.path.join(args.out, "ckpt_ntp_control")
+        run_training(parse_run_config(common_args(paths, args.seed) + [
+            "--data-path", paths["rlp"], "--seq-length", "128",
+            "--micro-batch-size", str(args.rlp_docs_per_step), "--global-batch-size", str(args.rlp_docs_per_step),
+            "--lr", str(args.rlp_lr), "--lr-decay-style", "constant", "--weight-decay", "0.0",
+            "--train-iters", str(args.rlp_iters), "--load", warm_ckpt, "--finetune", "--save", ntp_ckpt,
+        ]))
+        parallel.destroy()
+        control = evaluate(paths, ntp_ckpt, args, args.seed)
 
     b, a = before.summary(), after.summary()
     d_gain, se_gain = paired_change(before.gain, after.gain)
@@ -144,6 +162,16 @@ def main(argv=None) -> int:
           f"{d_plain:>+13.3f} ± {se_plain:.3f}")
     print(f"{'thought length (tokens)':32}{b['thought_len_mean']:>16.2f}{a['thought_len_mean']:>16.2f}")
     print(f"{'closed by the model':32}{b['closed_by_model_frac']:>16.3f}{a['closed_by_model_frac']:>16.3f}")
+    if control is not None:
+        c = control.summary()
+        dc_gain, sc_gain = paired_change(before.gain, control.gain)
+        dc_acc, sc_acc = paired_change(before.acc_think, control.acc_think)
+        print("control (next-token training on the same text instead of RLP):")
+        print(f"{'  information gain (nats)':32}{'':>16}{c['info_gain']:>9.3f} ± {c['info_gain_se']:.3f}"
+              f"{dc_gain:>+13.3f} ± {sc_gain:.3f}")
+        print(f"{'  accuracy with a thought':32}{'':>16}{c['acc_think']:>9.3f} ± {c['acc_think_se']:.3f}"
+              f"{dc_acc:>+13.3f} ± {sc_acc:.3f}")
+        print(f"{'  accuracy without a thought':32}{'':>16}{c['acc_plain']:>9.3f} ± {c['acc_plain_se']:.3f}")
     print(f"wall time: {time.time() - start:.0f} s")
     result = {
         "info_gain_before": b["info_gain"], "info_gain_after": a["info_gain"],
@@ -155,6 +183,8 @@ def main(argv=None) -> int:
         "thought_len_after": a["thought_len_mean"], "closed_by_model_after": a["closed_by_model_frac"],
         "wall_time_s": round(time.time() - start, 1),
     }
+    if control is not None:
+        result.update(control_info_gain=control.summary()["info_gain"], control_acc_think=control.summary()["acc_think"])
     print(json.dumps(result))
     return 0
 

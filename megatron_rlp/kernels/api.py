@@ -77,6 +77,7 @@ def linear_logprob(
     reduce_hidden_grad: bool = True,
     chunk_size: Optional[int] = None,
     vocab_chunk: Optional[int] = None,
+    vocab_size: Optional[int] = None,
 ):
     """log p(target) of ``softmax(hidden @ weight.T)`` over a vocab-parallel weight shard.
 
@@ -94,6 +95,8 @@ def linear_logprob(
         chunk_size, vocab_chunk: the reference's logits block, token rows x vocabulary columns
             (defaults: 2048 rows, as many columns as fit 2**23 elements, at least 256);
             ignored by Triton.
+        vocab_size: the tokenizer's vocabulary; ids past it (megatron's padding of the output
+            layer) are left out of the softmax and get no gradient.  None: every row counts.
 
     Returns:
         log p [N] fp32, or (log p [N], entropy [N]) with ``entropy=True``.
@@ -108,6 +111,7 @@ def linear_logprob(
         entropy,
         ignore_index,
         reduce_hidden_grad,
+        vocab_size,
     )
 
 
@@ -123,12 +127,14 @@ def information_gain(
     impl: str = "auto",
     chunk_size: Optional[int] = None,
     vocab_chunk: Optional[int] = None,
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """RLP's reward ``log p_policy(x | h_think) - log p_ema(x | h_nothink)`` (fp32, no grad).
 
     ``h_think`` are the policy's hidden states at the target slot after a thought, ``h_nothink``
     the EMA teacher's without one; the two weights are the same vocab shard of each model.
     One packed all-gather carries both models' statistics.  Ignored targets give 0.
+    ``vocab_size`` leaves the padded ids out of both softmaxes, as in :func:`linear_logprob`.
     """
     chosen = resolve_impl(impl, h_think, w_policy, h_nothink, w_ema)
     return apply_information_gain(
@@ -140,4 +146,5 @@ def information_gain(
         targets,
         tp_group,
         ignore_index,
+        vocab_size,
     )

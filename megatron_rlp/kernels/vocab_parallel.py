@@ -94,8 +94,31 @@ def merge_shard_stats(
     ent = None
     if entropy:
         weight = torch.exp(lse_r - lse)
-        ent = (weight * (gathered[..., 2] + (lse - lse_r))).sum(dim=0)
+        # a shard that is all padding (lse_r = -inf, see shard_rows) has weight 0: skip its inf
+        part = torch.where(weight > 0, weight * (gathered[..., 2] + (lse - lse_r)), torch.zeros_like(weight))
+        ent = part.sum(dim=0)
     return lse, tgt, ent
+
+
+def shard_rows(shard: int, rank: int, vocab_size: Optional[int]) -> int:
+    """How many of this rank's ``shard`` vocabulary rows are real tokens: megatron pads the
+    output layer past the tokenizer's ``vocab_size``, and padded ids are not part of the
+    distribution (None: every row is)."""
+    if vocab_size is None:
+        return shard
+    return max(0, min(shard, vocab_size - rank * shard))
+
+
+def _shard_stats(backend, hidden, weight, local_tgt, entropy: bool, rows: int) -> torch.Tensor:
+    """Backend statistics over the first ``rows`` rows of the shard; a shard with no real rows
+    contributes log-sum-exp -inf, target logit 0 and entropy 0."""
+    if rows == weight.shape[0]:
+        return backend.shard_stats(hidden, weight, local_tgt, entropy)
+    if rows > 0:
+        return backend.shard_stats(hidden, weight[:rows], local_tgt, entropy)
+    stats = torch.zeros(hidden.shape[0], 3 if entropy else 2, dtype=torch.float32, device=hidden.device)
+    stats[:, 0] = float("-inf")
+    return stats
 
 
 class Backend(Protocol):
@@ -138,17 +161,20 @@ class LinearLogprobFunction(torch.autograd.Function):
         ignore_index: int,
         backend: Backend,
         reduce_hidden_grad: bool,
+        vocab_size: Optional[int],
     ):
         ctx.set_materialize_grads(False)
         rank, _ = tp_rank_and_size(tp_group)
         shard = weight.shape[0]
+        rows = shard_rows(shard, rank, vocab_size)
         local_tgt, ignored = local_targets(targets, rank * shard, shard, ignore_index)
-        stats = backend.shard_stats(hidden, weight, local_tgt, entropy)
+        stats = _shard_stats(backend, hidden, weight, local_tgt, entropy, rows)
         lse, tgt, ent = merge_shard_stats(gather_shard_stats(stats, tp_group), entropy)
         zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
         logp = torch.where(ignored, zero, tgt - lse)
         ctx.backend, ctx.tp_group, ctx.entropy = backend, tp_group, entropy
         ctx.reduce_hidden_grad = reduce_hidden_grad
+        ctx.rows = rows
         if entropy:
             ent = torch.where(ignored, zero, ent)
             ctx.save_for_backward(hidden, weight, local_tgt, ignored, lse, ent)
@@ -164,7 +190,7 @@ class LinearLogprobFunction(torch.autograd.Function):
             hidden, weight, local_tgt, ignored, lse = ctx.saved_tensors
             ent = None
         if grad_logp is None and grad_ent is None:
-            return (None,) * 8
+            return (None,) * 9
         zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
@@ -172,9 +198,19 @@ class LinearLogprobFunction(torch.autograd.Function):
         if grad_ent is not None:
             grad_ent = torch.where(ignored, zero, grad_ent.to(lse.dtype))
         needs_h, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h, grad_w = ctx.backend.shard_grads(
-            hidden, weight, local_tgt, lse, ent, grad_logp, grad_ent, needs_h, needs_w
-        )
+        rows = ctx.rows
+        if rows > 0:
+            grad_h, grad_w = ctx.backend.shard_grads(
+                hidden, weight[:rows], local_tgt, lse, ent, grad_logp, grad_ent, needs_h, needs_w
+            )
+        else:  # all padding: no logit here is part of the distribution
+            grad_h = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if needs_h else None
+            grad_w = None
+        if needs_w and rows < weight.shape[0]:  # padded rows get no gradient
+            full = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+            if grad_w is not None:
+                full[:rows] = grad_w
+            grad_w = full
         _, world = tp_rank_and_size(ctx.tp_group)
         if needs_h and world > 1 and ctx.reduce_hidden_grad:
             dist.all_reduce(grad_h, group=ctx.tp_group)
@@ -187,6 +223,20 @@ class LinearLogprobFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+        )
+
+
+def _check_vocab_size(vocab_size: Optional[int], targets: torch.Tensor, ignore_index: int) -> None:
+    if vocab_size is None:
+        return
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be an integer >= 1 (the tokenizer's), got {vocab_size!r}")
+    real = targets[targets != ignore_index]
+    if real.numel() and int(real.max()) >= vocab_size:
+        raise ValueError(
+            f"target id {int(real.max())} is not below vocab_size={vocab_size}: padded vocabulary ids "
+            "are not tokens; check the tokenizer passed as vocab_size"
         )
 
 
@@ -215,10 +265,12 @@ def apply_linear_logprob(
     entropy: bool = False,
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     reduce_hidden_grad: bool = True,
+    vocab_size: Optional[int] = None,
 ):
     """Run :class:`LinearLogprobFunction` with ``backend``; accepts hidden [..., D], targets [...]
     and returns outputs shaped like ``targets``."""
     _check_inputs(hidden, weight, targets)
+    _check_vocab_size(vocab_size, targets, ignore_index)
     shape = targets.shape
     out = LinearLogprobFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]),
@@ -229,6 +281,7 @@ def apply_linear_logprob(
         int(ignore_index),
         backend,
         bool(reduce_hidden_grad),
+        vocab_size,
     )
     if entropy:
         return out[0].view(shape), out[1].view(shape)
@@ -245,6 +298,7 @@ def apply_information_gain(
     targets: torch.Tensor,
     tp_group=None,
     ignore_index: int = DEFAULT_IGNORE_INDEX,
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """log p_policy(target | h_think) - log p_ema(target | h_nothink), fp32, no grad.
 
@@ -258,9 +312,11 @@ def apply_information_gain(
     flat_t = targets.reshape(-1).long()
     rank, _ = tp_rank_and_size(tp_group)
     shard = w_policy.shape[0]
+    _check_vocab_size(vocab_size, flat_t, ignore_index)
+    rows = shard_rows(shard, rank, vocab_size)
     local_tgt, ignored = local_targets(flat_t, rank * shard, shard, ignore_index)
-    s_pol = backend.shard_stats(h_think.reshape(-1, h_think.shape[-1]), w_policy, local_tgt, False)
-    s_ema = backend.shard_stats(h_nothink.reshape(-1, h_nothink.shape[-1]), w_ema, local_tgt, False)
+    s_pol = _shard_stats(backend, h_think.reshape(-1, h_think.shape[-1]), w_policy, local_tgt, False, rows)
+    s_ema = _shard_stats(backend, h_nothink.reshape(-1, h_nothink.shape[-1]), w_ema, local_tgt, False, rows)
     gathered = gather_shard_stats(torch.cat([s_pol, s_ema], dim=1), tp_group)
     lse_p, tgt_p, _ = merge_shard_stats(gathered[..., :2], False)
     lse_e, tgt_e, _ = merge_shard_stats(gathered[..., 2:], False)

@@ -107,6 +107,35 @@ def test_tp2_matches_full_vocabulary(model_parallel, impl, dtype, deterministic)
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("real", [60, 30], ids=["rank1-partly-padding", "rank1-all-padding"])
+def test_tp2_padded_vocabulary_is_left_out(model_parallel, impl, real):
+    group, rank, rows, h, w, t = _setup(model_parallel, seed=6)
+    t = t % real
+    t[7] = IGNORE
+    with torch.no_grad():
+        w[real:] *= 30  # would dominate the normaliser if counted
+    ga = torch.linspace(-1.0, 2.0, N)
+    gb = torch.linspace(0.5, -0.5, N)
+    fh = h.double().requires_grad_()
+    fw = w[:real].double().requires_grad_()
+    flp, fent = _full(fh, fw, t)
+    (flp * ga + fent * gb).sum().backward()
+    oh = h.clone().requires_grad_()
+    ow = w[rows].clone().requires_grad_()
+    lp, ent = linear_logprob(oh, ow, t, group, entropy=True, impl=impl, vocab_size=real)
+    (lp * ga + ent * gb).sum().backward()
+    _close(lp, flp.detach(), atol=2e-5)
+    _close(ent, fent.detach(), atol=2e-5)
+    _close(oh.grad, fh.grad, atol=2e-5)
+    shard = V // 2
+    mine = max(0, min(shard, real - rank * shard))  # this rank's real rows
+    _close(ow.grad[:mine], fw.grad[rank * shard : rank * shard + mine], atol=2e-5)
+    assert torch.count_nonzero(ow.grad[mine:]) == 0
+    gain = information_gain(h, w[rows], h * 0.5, w[rows], t, group, impl=impl, vocab_size=real)
+    _close(gain, _full(h, w[:real], t)[0] - _full(h * 0.5, w[:real], t)[0], atol=3e-5)
+
+
 def test_tp2_one_packed_collective_per_pass(model_parallel, monkeypatch):
     """Forward: exactly one all-gather and no all-reduce; backward: one all-reduce (hidden)."""
     group, rank, rows, h, w, t = _setup(model_parallel, seed=2)

@@ -14,7 +14,7 @@ from megatron_rlp.kernels import (
     resolve_impl,
 )
 from megatron_rlp.kernels import vocab_parallel as vp
-from megatron_rlp.kernels.reference import reference_shard_stats
+from megatron_rlp.kernels.reference import ReferenceBackend, reference_shard_stats
 from megatron_rlp.kernels.triton_linear_logprob import (
     TritonBackend,
     triton_shard_grads,
@@ -292,6 +292,35 @@ def test_reference_backward_is_reproducible_with_threads_and_many_repeats():
         assert len(grads) == 1
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_padded_vocabulary_is_left_out(impl):
+    # megatron pads the output layer past the tokenizer; padded rows are not part of the softmax
+    n, d, v, real = 21, 16, 40, 27
+    h, w, t = _inputs(n, d, v, seed=8, ignore_rows=(3,))
+    t = torch.where(t == IGNORE, t, t % real)
+    with torch.no_grad():
+        w[real:] *= 30  # would dominate the normaliser if counted
+    ga = torch.linspace(-1.0, 1.0, n)
+    gb = torch.linspace(0.3, -0.7, n)
+    backend = TritonBackend(blocks=SMALL_BLOCKS) if impl == "triton" else ReferenceBackend()
+    lp, ent, gh, gw = _our_grads(
+        lambda hh, ww, tt, entropy=False: vp.apply_linear_logprob(
+            backend, hh, ww, tt, None, entropy, vocab_size=real),
+        h, w, t, ga, gb,
+    )
+    elp, eent = _naive(h, w[:real], t, entropy=True)
+    eh, ew = _naive_grads(h, w[:real], t, ga, gb)
+    _close(lp, elp, atol=2e-5)
+    _close(ent, eent, atol=2e-5)
+    _close(gh, eh, atol=2e-5)
+    _close(gw[:real], ew, atol=2e-5)
+    assert torch.count_nonzero(gw[real:]) == 0
+    gain = information_gain(h, w, h * 0.5, w, t, vocab_size=real, impl=impl)
+    _close(gain, elp - _naive(h * 0.5, w[:real], t), atol=3e-5)
+    with pytest.raises(ValueError, match="not below vocab_size=27"):
+        linear_logprob(h, w, torch.full((n,), 30), vocab_size=real, impl=impl)
 
 
 def test_only_requested_gradients_are_computed():
