@@ -155,7 +155,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
             contexts.append(d[:p].tolist())
             next_tokens.append(int(d[p]))
     out = reference_rlp_iteration(ref, None, optimizer, contexts, thoughts, next_tokens, OPEN, CLOSE, G,
-                                  rlp.rlp_clip_low, rlp.rlp_clip_high, rlp.rlp_ema_decay, forced_mask=forced)
+                                  rlp.rlp_clip_low, rlp.rlp_clip_high, rlp.rlp_ema_decay, forced_mask=forced,
+                                  vocab_size=MarkerTokenizer.vocab_size)
     reference = {
         "loss": float(out["loss"]),
         "rewards": out["rewards"],

@@ -55,8 +55,10 @@ def paired_change(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tensor, batch_size: int):
-    """log p(target) and argmax-correctness at the given label slots; last pipeline stage only."""
+def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tensor, batch_size: int,
+           vocab_size: Optional[int] = None):
+    """log p(target) and argmax-correctness at the given label slots; last pipeline stage only.
+    ``vocab_size`` leaves the output layer's padded ids out of the softmax and the argmax."""
     out_lp, out_ok = [], []
     for start in range(0, tokens.shape[0], batch_size):
         tok = tokens[start : start + batch_size]
@@ -66,6 +68,8 @@ def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tens
             continue
         logits = gather_from_tensor_model_parallel_region(logits).float()
         rows = logits[torch.arange(tok.shape[0])[:, None], slots[start : start + batch_size]]
+        if vocab_size is not None:
+            rows = rows[..., :vocab_size]
         logp = torch.log_softmax(rows, dim=-1)
         tgt = targets[start : start + batch_size]
         out_lp.append(logp.gather(-1, tgt[..., None])[..., 0])
@@ -104,7 +108,8 @@ def evaluate_thinking(
         seqs = build_update_sequences(documents, thoughts.doc_index, thoughts.position, closed, closed_len,
                                       thoughts.forced, open_id, eod_id)
         think_targets = seqs["labels"].gather(1, seqs["target_slot"][:, None])
-        lp_think, ok_think = _score(model, seqs["tokens"], seqs["target_slot"][:, None], think_targets, batch_size)
+        lp_think, ok_think = _score(model, seqs["tokens"], seqs["target_slot"][:, None], think_targets, batch_size,
+                                    vocab_size)
 
         # Without a thought: one forward per document, all its positions at once.
         width = max(len(d) for d in documents) - 1
@@ -116,7 +121,7 @@ def evaluate_thinking(
             tokens[i, : len(doc) - 1] = doc[:-1]
             p = torch.tensor(pos + [pos[-1]] * (k - len(pos)))
             slots[i], targets[i] = p - 1, doc[p]
-        lp_plain, ok_plain = _score(model, tokens, slots, targets, batch_size)
+        lp_plain, ok_plain = _score(model, tokens, slots, targets, batch_size, vocab_size)
     finally:
         model.return_hidden = return_hidden
         model.train(was_training)

@@ -134,11 +134,14 @@ def _take(labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The loss on the last pipeline stage
 # ---------------------------------------------------------------------------------------------
-def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Tensor):
+def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Tensor,
+                  vocab_size: Optional[int] = None):
     """Rewards, advantages and the clipped surrogate of one micro-batch (G branches per context).
 
     ``output_tensor`` is the model's final hidden states [S, B, H] (the model returns them
-    instead of logits in RLP mode, so log-probs come from the fused kernel).
+    instead of logits in RLP mode, so log-probs come from the fused kernel).  ``vocab_size``: the
+    tokenizer's vocabulary — the policy is the softmax over real ids, the one thoughts are drawn
+    from, so megatron's padded output rows get neither probability nor gradient.
     """
     g = config.rlp_num_thoughts
     hidden = output_tensor.transpose(0, 1)  # [B, S, H]
@@ -151,7 +154,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
     valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool)], dim=1)
     targets = torch.where(valid, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
     rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
-    logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True)
+    logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True, vocab_size=vocab_size)
     logp = logp.view(b, -1)
     entropy = entropy.view(b, -1)
     logp_thought, s_pred = logp[:, :-1], logp[:, -1].detach()
@@ -169,7 +172,8 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
         ctx_slots = torch.arange(batch["labels"].shape[1]).expand(b, -1)
         ctx_mask = ctx_slots < batch["context_len"][:, None]
         ctx_targets = torch.where(ctx_mask, batch["labels"], torch.full_like(batch["labels"], IGNORE))
-        ctx_logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight, ctx_targets.reshape(-1), tp_group)
+        ctx_logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight, ctx_targets.reshape(-1), tp_group,
+                                  vocab_size=vocab_size)
         ntp_kwargs = dict(ntp_weight=config.rlp_ntp_weight, ntp_logp=ctx_logp.view(b, -1), ntp_mask=ctx_mask)
     if config.rlp_kl_beta > 0:
         ntp_kwargs.update(kl_weight=config.rlp_kl_beta, logp_ref=batch["logp_ref"])
@@ -224,7 +228,9 @@ class RLPObjective:
         self.stream = stream
         self.open_id, self.close_id = resolve_markers(config, tokenizer)
         self.eod_id = tokenizer.eod
-        self.sampling_vocab_size = tokenizer.vocab_size  # never the embedding's padding
+        # The policy is the softmax over the tokenizer's ids: megatron's padding of the output
+        # layer is never sampled, and the update gives it neither probability nor gradient.
+        self.sampling_vocab_size = tokenizer.vocab_size
         self.pad_id = tokenizer.eod
         self.micro_batch_size = state.run.training.micro_batch_size
         self.seed = state.run.training.seed
@@ -279,7 +285,7 @@ class RLPObjective:
             batches.append({"tokens": tokens, "position_ids": torch.arange(width).expand(len(chunk), -1),
                             "slots": slots, "targets": targets})
         with self.teacher.swap_into(self.models), torch.no_grad():
-            outputs = self._forward_only(batches, _score_slots_loss)
+            outputs = self._forward_only(batches, partial(_score_slots_loss, vocab_size=self.sampling_vocab_size))
         if not parallel_state.is_pipeline_last_stage():
             return torch.zeros(0)
         return torch.cat([o["logp"] for o in outputs]).reshape(-1)
@@ -365,7 +371,7 @@ class RLPObjective:
     def _score_reference(self, microbatches: list[dict]) -> None:
         """log π_ref of the thought tokens (frozen initial model), for the optional KL term."""
         with self.reference.swap_into(self.models), torch.no_grad():
-            outputs = self._forward_only(microbatches, _score_thoughts_loss)
+            outputs = self._forward_only(microbatches, partial(_score_thoughts_loss, vocab_size=self.sampling_vocab_size))
         if parallel_state.is_pipeline_last_stage():
             for mb, out in zip(microbatches, outputs):
                 mb["logp_ref"] = out["logp"]
@@ -373,7 +379,8 @@ class RLPObjective:
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None)
-        return output, partial(rlp_loss_func, batch, unwrap_model(model), self.config)
+        return output, partial(rlp_loss_func, batch, unwrap_model(model), self.config,
+                               vocab_size=self.sampling_vocab_size)
 
     # -- the hook the loop calls after the optimizer step ---------------------------------------
     def after_optimizer_step(self, model_chunks, iteration: int) -> dict:
@@ -408,21 +415,21 @@ class RLPObjective:
         pass  # tensors were loaded in place into the teacher's shadows
 
 
-def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor):
+def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
     hidden = output_tensor.transpose(0, 1)
     rows = _gather_rows(hidden, batch["slots"]).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), batch["targets"].reshape(-1),
-                          parallel_state.get_tensor_model_parallel_group())
+                          parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
     return torch.zeros((), requires_grad=False), {"logp": logp.detach()}
 
 
-def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor):
+def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
     hidden = output_tensor.transpose(0, 1)
     slots = batch["thought_slot"]
     targets = torch.where(slots >= 0, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
     rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
-                          parallel_state.get_tensor_model_parallel_group())
+                          parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
     return torch.zeros(()), {"logp": logp.detach().view(slots.shape)}
 
 

@@ -23,9 +23,10 @@ noise, and so does a naive sampler that processes the rows in another order.
 Two log-probabilities are returned for every sampled token:
 
 * ``logprobs``          log p_θ(token) = z_token − logsumexp(z): the model's own (untempered)
-  log-probability over its whole (padded) vocabulary.  This is what the RLP ratio π_θ / π_θold
-  needs (the update recomputes log p_θ without a temperature, as the training loss does).
-* ids ``>= vocab_size`` (the embedding's padding past the tokenizer) are never drawn.
+  log-probability.  This is what the RLP ratio π_θ / π_θold needs (the update recomputes log p_θ
+  without a temperature).
+* ids ``>= vocab_size`` (the output layer's padding past the tokenizer) are never drawn and are
+  not in either normaliser: the policy is the softmax over real token ids.
 * ``tempered_logprobs`` log softmax(z/T)[token]: the log-probability under the distribution that
   was actually sampled from.  Greedy decoding (T = 0) samples from a point mass: 0.
 
@@ -130,15 +131,15 @@ def sample_vocab_parallel(
     rank = dist.get_rank(group=tp_group) if world > 1 else 0
     b, shard = logits.shape
     start = rank * shard
-    z_model = logits.float()
-    z = z_model
+    z = logits.float()
+    valid = None
     if vocab_size is not None and start + shard > vocab_size:
         valid = torch.arange(start, start + shard, device=z.device) < vocab_size
         z = z.masked_fill(~valid[None, :], float("-inf"))
     if temperature > 0:
         zt = z / temperature
         score = zt + gumbel_noise(seed, step, rows.to(z.device), start, shard)
-        if z is not z_model:
+        if valid is not None:
             score = score.masked_fill(~valid[None, :], float("-inf"))
         lse_t = torch.logsumexp(zt, dim=-1)
     else:
@@ -146,9 +147,7 @@ def sample_vocab_parallel(
         lse_t = torch.zeros(b, dtype=z.dtype, device=z.device)
     best, arg = score.max(dim=-1)
     z_best = z.gather(-1, arg[:, None])[:, 0]
-    # log p_θ normalises over the model's whole (padded) vocabulary, exactly as the training
-    # loss and the RLP update compute it; only the draw itself excludes the padding.
-    lse = torch.logsumexp(z_model, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
     stats = torch.stack(
         [best.double(), (arg + start).double(), z_best.double(), lse.double(), lse_t.double()],
         dim=-1,

@@ -322,10 +322,13 @@ def megatron_state_dict_from_reference(
 # -------------------------------------------------------------------------- objective pieces
 
 
-def token_logprobs(model: nn.Module, sequence: Sequence[int]) -> torch.Tensor:
-    """[len − 1]: entry j is log p(sequence[j + 1] | sequence[: j + 1])."""
+def token_logprobs(model: nn.Module, sequence: Sequence[int], vocab_size: Optional[int] = None) -> torch.Tensor:
+    """[len − 1]: entry j is log p(sequence[j + 1] | sequence[: j + 1]).  With ``vocab_size`` the
+    softmax runs over the tokenizer's ids only (the model's embedding may be padded past them)."""
     seq = torch.as_tensor(list(sequence), dtype=torch.long)
     logits = model(seq[:-1]).float()
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]
     logz = torch.logsumexp(logits, dim=-1)
     return logits.gather(-1, seq[1:, None])[:, 0] - logz
 
@@ -407,8 +410,11 @@ def reference_rlp_iteration(
     clip_high: float,
     ema_decay: float,
     forced_mask: Optional[Sequence[Sequence[bool]]] = None,
+    vocab_size: Optional[int] = None,
 ) -> dict:
     """One RLP iteration (RLP_SPEC.md, Algorithm steps 3–6) for given thoughts.
+
+    ``vocab_size``: the tokenizer's ids; every probability is a softmax over them only.
 
     θ_old = θ (one update per sample batch), so logp_old = logp_new.detach() and ρ = 1 in value.
     ``ema_model=None`` means φ is uninitialised: it is created as a copy of θ (lazy init).
@@ -450,12 +456,12 @@ def reference_rlp_iteration(
         x_t = int(next_tokens[b])
         # Step 4a: no-think baseline from the teacher, S_ema = log p̄_φ(x_t | x_<t).
         with torch.no_grad():
-            s_ema[b] = token_logprobs(ema_model, ctx + [x_t])[-1]
+            s_ema[b] = token_logprobs(ema_model, ctx + [x_t], vocab_size)[-1]
         row_logps = []
         for i in range(G):
             c = [int(tok) for tok in thoughts[b][i]]
             seq = ctx + [open_id] + c + [close_id] + [x_t]
-            lp = token_logprobs(model, seq)  # lp[j] = log p(seq[j+1] | seq[:j+1])
+            lp = token_logprobs(model, seq, vocab_size)  # lp[j] = log p(seq[j+1] | seq[:j+1])
             # Step 4b: S_pred = log p_θ(x_t | x_<t, open, c, close), no gradient.
             s_pred[b, i] = lp[-1].detach()
             # Policy tokens: c (positions len(ctx)+1 ...) and the close marker unless forced.

@@ -159,11 +159,10 @@ def test_greedy_ties_and_padded_vocabulary():
     assert out.tokens.tolist() == [1, 3]  # lowest id on a tie
     assert torch.equal(out.tempered_logprobs, torch.zeros(2))
     torch.testing.assert_close(out.logprobs, torch.log_softmax(z, -1).gather(-1, out.tokens[:, None])[:, 0])
-    # ids >= vocab_size (padding) are never drawn; log p_θ still normalises over the model's whole
-    # vocabulary, as the training loss and the RLP update do
+    # ids >= vocab_size (padding) are never drawn and do not count in the normaliser
     capped = sample_vocab_parallel(z, 0.0, 0, 0, torch.arange(2), vocab_size=3)
     assert capped.tokens.tolist() == [1, 0]
-    torch.testing.assert_close(capped.logprobs, torch.log_softmax(z, -1).gather(-1, capped.tokens[:, None])[:, 0])
+    torch.testing.assert_close(capped.logprobs, torch.log_softmax(z[:, :3], -1).gather(-1, capped.tokens[:, None])[:, 0])
     hot = sample_vocab_parallel(z.repeat(500, 1), 2.0, 0, 0, torch.arange(1000), vocab_size=3)
     assert hot.tokens.max() < 3
 
@@ -340,12 +339,11 @@ def test_padded_vocabulary_is_never_sampled(models):
         for batch in (capped, naive):
             assert batch.tokens[batch.mask].max() < 303
         assert torch.equal(capped.tokens, naive.tokens)
-        # log p_θ is the model's own, over the padded vocabulary (what the update computes); the
-        # tempered log-prob is that of the distribution actually drawn from (padding excluded)
-        logits = _full_forward_logits(model, _docs(), capped)
+        # both log-probs are over the real ids only (the policy the update differentiates)
+        logits = _full_forward_logits(model, _docs(), capped)[..., :303]
         tokens, mask = capped.tokens.clamp(min=0)[..., None], capped.mask
         logp = torch.log_softmax(logits, -1).gather(-1, tokens)[..., 0]
-        tempered = torch.log_softmax(logits[..., :303], -1).gather(-1, tokens)[..., 0]
+        tempered = torch.log_softmax(logits, -1).gather(-1, tokens)[..., 0]
         assert (logp - capped.logprobs).abs()[mask].max() <= 1e-4
         assert (tempered - capped.tempered_logprobs).abs()[mask].max() <= 1e-4
         with pytest.raises(ValueError, match="exceeds the model's vocabulary"):
