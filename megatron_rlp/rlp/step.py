@@ -230,7 +230,7 @@ class RLPObjective:
         self.eod_id = tokenizer.eod
         # The policy is the softmax over the tokenizer's ids: megatron's padding of the output
         # layer is never sampled, and the update gives it neither probability nor gradient.
-        self.sampling_vocab_size = tokenizer.vocab_size
+        self.vocab_size = tokenizer.vocab_size
         self.pad_id = tokenizer.eod
         self.micro_batch_size = state.run.training.micro_batch_size
         self.seed = state.run.training.seed
@@ -285,7 +285,7 @@ class RLPObjective:
             batches.append({"tokens": tokens, "position_ids": torch.arange(width).expand(len(chunk), -1),
                             "slots": slots, "targets": targets})
         with self.teacher.swap_into(self.models), torch.no_grad():
-            outputs = self._forward_only(batches, partial(_score_slots_loss, vocab_size=self.sampling_vocab_size))
+            outputs = self._forward_only(batches, partial(_score_slots_loss, vocab_size=self.vocab_size))
         if not parallel_state.is_pipeline_last_stage():
             return torch.zeros(0)
         return torch.cat([o["logp"] for o in outputs]).reshape(-1)
@@ -339,7 +339,7 @@ class RLPObjective:
             open_id=self.open_id, close_id=self.close_id, eod_id=self.eod_id,
             temperature=c.rlp_temperature, seed=_sample_seed(self.seed, self.sample_batches, dp_rank),
             max_sequence_length=self.max_sequence_length,
-            micro_batch_size=c.rlp_sampler_micro_batch_size, vocab_size=self.sampling_vocab_size,
+            micro_batch_size=c.rlp_sampler_micro_batch_size, vocab_size=self.vocab_size,
         )
         closed, closed_len = thoughts.closed_tokens(self.pad_id)
         # x_<t, open, thought + close, x_t, minus the last token (inputs only).
@@ -371,7 +371,7 @@ class RLPObjective:
     def _score_reference(self, microbatches: list[dict]) -> None:
         """log π_ref of the thought tokens (frozen initial model), for the optional KL term."""
         with self.reference.swap_into(self.models), torch.no_grad():
-            outputs = self._forward_only(microbatches, partial(_score_thoughts_loss, vocab_size=self.sampling_vocab_size))
+            outputs = self._forward_only(microbatches, partial(_score_thoughts_loss, vocab_size=self.vocab_size))
         if parallel_state.is_pipeline_last_stage():
             for mb, out in zip(microbatches, outputs):
                 mb["logp_ref"] = out["logp"]
@@ -380,7 +380,7 @@ class RLPObjective:
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, partial(rlp_loss_func, batch, unwrap_model(model), self.config,
-                               vocab_size=self.sampling_vocab_size)
+                               vocab_size=self.vocab_size)
 
     # -- the hook the loop calls after the optimizer step ---------------------------------------
     def after_optimizer_step(self, model_chunks, iteration: int) -> dict:
