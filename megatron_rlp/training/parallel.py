@@ -46,13 +46,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The process groups megatron-core created in init_model_parallel: its destroy_model_parallel only
+# forgets them, and every gloo group keeps its threads and sockets until it is destroyed — a
+# process that re-initialises many times (tests, the demo's phases) would pile up thousands.
+_created_groups: list = []
+
+
+def _live_groups() -> list:
+    from torch.distributed import distributed_c10d as c10d
+
+    world = getattr(getattr(c10d, "_world", None), "pg_map", None)
+    if world is None:
+        return []
+    return [g for g in list(world) if g is not c10d.GroupMember.WORLD]
+
+
 def init_model_parallel(tp: int, pp: int) -> None:
     """(Re)create megatron-core's tensor/pipeline/data parallel groups."""
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy()
+    before = set(_live_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
     )
+    _created_groups.extend(g for g in _live_groups() if g not in before)
 
 
 def set_seed(seed: int) -> None:
@@ -68,5 +84,11 @@ def set_seed(seed: int) -> None:
 
 
 def destroy() -> None:
+    """Tear down megatron-core's parallel state and the process groups it created."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    live = set(_live_groups())
+    while _created_groups:
+        group = _created_groups.pop()
+        if group in live:  # not already destroyed with another one
+            dist.destroy_process_group(group)
