@@ -32,6 +32,7 @@ import sys
 import time
 
 from megatron_rlp.data import demo_corpus
+from megatron_rlp.data.tokenizer import THINK_CLOSE
 
 
 def _log(msg: str) -> None:
@@ -58,6 +59,26 @@ def prepare_corpus(out: str, n_warmup: int, n_rlp: int, n_heldout: int, seed: in
             json.dump(demo_corpus.read_answer_token_positions(jsonl), f)
         paths[f"{name}_positions"] = positions_file
     return paths
+
+
+def worked_thought_match(result, documents: list, tokenizer) -> dict:
+    """Share of sampled thoughts that are exactly the worked thought of their answer digit, by
+    answer column (0 = units ... 3 = thousands) and overall.  ``result.thought_ids`` follows the
+    evaluation's contexts: every answer digit of every document, in order."""
+    close_id = tokenizer.token_to_id(THINK_CLOSE)
+    hits, counts = {}, {}
+    contexts = [(doc, j) for doc in documents for j in range(len(doc.answer_spans))]
+    if len(contexts) != len(result.thought_ids):
+        raise ValueError(f"{len(result.thought_ids)} evaluated contexts for {len(contexts)} answer digits")
+    for (doc, j), thoughts in zip(contexts, result.thought_ids):
+        col, want = doc.answer_columns[j], doc.worked_thought(j).replace(" ", "")
+        for ids in thoughts:
+            text = tokenizer.detokenize([i for i in ids if i != close_id]).replace(" ", "")
+            hits[col] = hits.get(col, 0) + (text == want)
+            counts[col] = counts.get(col, 0) + 1
+    out = {f"column_{c}": hits[c] / counts[c] for c in sorted(counts)}
+    out["all"] = sum(hits.values()) / sum(counts.values())
+    return out
 
 
 def common_args(paths: dict, seed: int) -> list[str]:
@@ -172,6 +193,18 @@ def main(argv=None) -> int:
         print(f"{'  accuracy with a thought':32}{'':>16}{c['acc_think']:>9.3f} ± {c['acc_think_se']:.3f}"
               f"{dc_acc:>+13.3f} ± {sc_acc:.3f}")
         print(f"{'  accuracy without a thought':32}{'':>16}{c['acc_plain']:>9.3f} ± {c['acc_plain_se']:.3f}")
+    from megatron_rlp.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer("SentencePieceTokenizer", paths["tokenizer"])
+    held = demo_corpus.read_jsonl(os.path.join(args.out, "heldout.jsonl"))[: args.eval_docs]
+    matches = [("before", worked_thought_match(before, held, tokenizer)),
+               ("after", worked_thought_match(after, held, tokenizer))]
+    if control is not None:
+        matches.append(("control", worked_thought_match(control, held, tokenizer)))
+    print("sampled thought exactly the worked thought, by answer column (units, tens, hundreds, thousands):")
+    for name, m in matches:
+        cols = " ".join(f"{m[k]:.3f}" for k in sorted(m) if k.startswith("column_"))
+        print(f"  {name:<8} {cols}   all {m['all']:.3f}")
     print(f"wall time: {time.time() - start:.0f} s")
     result = {
         "info_gain_before": b["info_gain"], "info_gain_after": a["info_gain"],
@@ -183,6 +216,7 @@ def main(argv=None) -> int:
         "thought_len_after": a["thought_len_mean"], "closed_by_model_after": a["closed_by_model_frac"],
         "wall_time_s": round(time.time() - start, 1),
     }
+    result.update(worked_thought_match_before=matches[0][1]["all"], worked_thought_match_after=matches[1][1]["all"])
     if control is not None:
         result.update(control_info_gain=control.summary()["info_gain"], control_acc_think=control.summary()["acc_think"])
     print(json.dumps(result))

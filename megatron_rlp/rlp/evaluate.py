@@ -14,7 +14,7 @@ scoring here gathers full-vocabulary logits, which is fine for held-out evaluati
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -34,6 +34,8 @@ class ThinkingEval:
     logp_plain: np.ndarray
     thought_len: float
     closed_by_model: float  # share of thoughts whose close marker was sampled
+    # [context][thought] sampled token ids without the close marker; contexts in document order
+    thought_ids: list = field(default_factory=list)
 
     def summary(self) -> dict:
         def se(x):
@@ -146,4 +148,6 @@ def evaluate_thinking(
         gain=np.array(gains), acc_think=np.array(acc_t), acc_plain=np.array(acc_p), logp_plain=np.array(lpp),
         thought_len=float(closed_len.float().mean()),
         closed_by_model=float((~thoughts.forced).float().mean()),
+        thought_ids=[[thoughts.tokens[c, j][thoughts.mask[c, j]].tolist() for j in range(g)]
+                     for c in range(thoughts.tokens.shape[0])],
     )

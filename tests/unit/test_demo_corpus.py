@@ -236,3 +236,25 @@ def test_write_read_jsonl_and_preprocess(tmp_path, sp_tok, warm):
         tokens = [int(t) for t in ds[k]]
         assert tokens[-1] == sp_tok.eod
         assert [sp_tok.id_to_piece(tokens[t]) for t in positions[k]] == [doc.text[s:e] for s, e in doc.answer_spans]
+
+
+def test_worked_thought_match_scores_exact_thoughts_by_column(sp_tok, heldout):
+    from types import SimpleNamespace
+
+    from megatron_rlp.demo import worked_thought_match
+
+    docs = heldout[:3]
+    close = sp_tok.token_to_id(THINK_CLOSE)
+    thought_ids = []
+    for doc in docs:
+        for j in range(len(doc.answer_spans)):
+            right = sp_tok.tokenize(doc.worked_thought(j)) + [close]  # sampled close marker
+            wrong = sp_tok.tokenize(doc.worked_thought(j) + "1")  # cut at the cap, no close
+            thought_ids.append([right, wrong] if doc.answer_columns[j] == 0 else [right, right])
+    m = worked_thought_match(SimpleNamespace(thought_ids=thought_ids), docs, sp_tok)
+    assert m["column_0"] == 0.5 and m["column_1"] == 1.0 and m["column_2"] == 1.0
+    n0 = sum(c == 0 for d in docs for c in d.answer_columns)
+    n = sum(len(d.answer_columns) for d in docs)
+    assert m["all"] == pytest.approx(1 - 0.5 * n0 / n)
+    with pytest.raises(ValueError, match="evaluated contexts"):
+        worked_thought_match(SimpleNamespace(thought_ids=thought_ids[:-1]), docs, sp_tok)
