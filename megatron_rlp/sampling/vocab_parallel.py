@@ -25,10 +25,11 @@ Two log-probabilities are returned for every sampled token:
 * ``logprobs``          log p_θ(token) = z_token − logsumexp(z): the model's own (untempered)
   log-probability.  This is what the RLP ratio π_θ / π_θold needs (the update recomputes log p_θ
   without a temperature).
-* ids ``>= vocab_size`` (the output layer's padding past the tokenizer) are never drawn and are
-  not in either normaliser: the policy is the softmax over real token ids.
 * ``tempered_logprobs`` log softmax(z/T)[token]: the log-probability under the distribution that
   was actually sampled from.  Greedy decoding (T = 0) samples from a point mass: 0.
+
+Ids ``>= vocab_size`` (the output layer's padding past the tokenizer) are never drawn and are in
+neither normaliser: the policy is the softmax over real token ids.
 
 Top-p / top-k truncation is not implemented.
 """
