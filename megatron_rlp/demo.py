@@ -32,7 +32,7 @@ import sys
 import time
 
 from megatron_rlp.data import demo_corpus
-from megatron_rlp.data.tokenizer import THINK_CLOSE
+from megatron_rlp.data.tokenizer import THINK_CLOSE, build_tokenizer
 
 
 def _log(msg: str) -> None:
@@ -40,7 +40,7 @@ def _log(msg: str) -> None:
 
 
 def prepare_corpus(out: str, n_warmup: int, n_rlp: int, n_heldout: int, seed: int, problems: int = 1) -> dict:
-    from megatron_rlp.data.tokenizer import build_tokenizer, train_sentencepiece
+    from megatron_rlp.data.tokenizer import train_sentencepiece
     from tools.preprocess_data import preprocess
 
     kw = dict(problems_per_document=problems)
@@ -193,8 +193,6 @@ def main(argv=None) -> int:
         print(f"{'  accuracy with a thought':32}{'':>16}{c['acc_think']:>9.3f} ± {c['acc_think_se']:.3f}"
               f"{dc_acc:>+13.3f} ± {sc_acc:.3f}")
         print(f"{'  accuracy without a thought':32}{'':>16}{c['acc_plain']:>9.3f} ± {c['acc_plain_se']:.3f}")
-    from megatron_rlp.data.tokenizer import build_tokenizer
-
     tokenizer = build_tokenizer("SentencePieceTokenizer", paths["tokenizer"])
     held = demo_corpus.read_jsonl(os.path.join(args.out, "heldout.jsonl"))[: args.eval_docs]
     matches = [("before", worked_thought_match(before, held, tokenizer)),

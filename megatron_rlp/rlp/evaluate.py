@@ -148,6 +148,6 @@ def evaluate_thinking(
         gain=np.array(gains), acc_think=np.array(acc_t), acc_plain=np.array(acc_p), logp_plain=np.array(lpp),
         thought_len=float(closed_len.float().mean()),
         closed_by_model=float((~thoughts.forced).float().mean()),
-        thought_ids=[[thoughts.tokens[c, j][thoughts.mask[c, j]].tolist() for j in range(g)]
-                     for c in range(thoughts.tokens.shape[0])],
+        thought_ids=[[row[:n] for row, n in zip(rows, lens)]
+                     for rows, lens in zip(thoughts.tokens.tolist(), thoughts.lengths.tolist())],
     )

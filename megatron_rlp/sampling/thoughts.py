@@ -254,9 +254,10 @@ class ThoughtRecorder:
         self.lengths = torch.zeros(b, dtype=torch.int64, device=device)
         self.stop = torch.full((b,), -1, dtype=torch.int64, device=device)
         self.done = torch.zeros(b, dtype=torch.bool, device=device)
-        # Ids >= vocab_size (the padding of the model's embedding past the tokenizer) are never
-        # sampled: they are not text, and a policy that learns to emit them games the reward.
-        self.vocab_size = vocab_size if vocab_size is not None else getattr(model, "vocab_size", None)
+        # Ids >= vocab_size (the output layer's padding past the tokenizer) are never sampled:
+        # they are not text, and a policy that learns to emit them games the reward.  The
+        # samplers resolve it with sampling_vocab_size; None draws from every row.
+        self.vocab_size = vocab_size
 
     def record(self, step: int, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [rows, h] of ``step`` -> sampled tokens [rows]."""
