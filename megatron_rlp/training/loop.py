@@ -42,7 +42,7 @@ from megatron_rlp.models.builder import build_model, transformer_config, validat
 from megatron_rlp.models.presets import ModelPreset, get_preset
 from megatron_rlp.training import checkpoint as ckpt
 from megatron_rlp.training import parallel
-from megatron_rlp.training.flops import training_flops
+from megatron_rlp.training.cost_model import training_flops
 from megatron_rlp.training.logging import MetricsWriter, format_log_line
 
 

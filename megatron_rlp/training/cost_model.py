@@ -1,0 +1,581 @@
+"""The one cost model of a training iteration: FLOPs by phase and memory per GPU by pipeline stage.
+
+Used by the log line's TFLOP/s (:func:`training_flops`), ``tools/bench_rlp.py --analytic``, the
+dry run and the FLOP-matched comparisons.  Pure arithmetic on a :class:`ModelPreset`; no torch.
+
+What is exact and what is an estimate
+-------------------------------------
+* **Parameter counts** (:func:`stage_parameters`) are exact: they follow megatron-core 0.16.1's
+  modules (GPTModel / MambaModel with this project's specs) per pipeline stage and tensor-parallel
+  rank, and the unit and distributed tests compare them with built models.
+* **FLOPs** are analytic counts of matrix multiplies (2 FLOPs per multiply-add) plus the Mamba
+  convolution and scan; norms, activations, RoPE, softmax, sampling and the loss are not counted
+  (they are a few percent at most).  The Mamba scan is counted in its recurrent form
+  (``MAMBA_SCAN_FLOPS`` per d_inner x d_state element per token); the chunked SSD kernel used in
+  training does somewhat different work, so that term is an estimate (about 2 % of a Mamba layer at
+  12B).  Optimizer and EMA FLOPs are per-parameter estimates.
+* **Memory** for weights, gradients, optimizer states and the EMA teacher is exact bytes for the
+  parameter counts (buffer padding and allocator fragmentation aside).  Activation and
+  sampler-cache memory are estimates (see :func:`stage_memory`).
+
+FLOP formulas (per token, forward; h hidden, V vocabulary, q = heads x kv_channels, kv = groups x
+kv_channels, f FFN width, x2 for SwiGLU's fc1; Mamba: d_i = heads x head_dim, g groups, n state):
+
+* attention layer: 2h(q + 2kv) + 2qh dense, plus 4q per attended key (QK^T and AV);
+* MLP: 2hf(2 if SwiGLU else 1) + 2fh;
+* Mamba layer: 2h(2d_i + 2gn + heads) in_proj + 2(d_i + 2gn)·d_conv conv
+  + MAMBA_SCAN_FLOPS·d_i·n scan + 2d_i·h out_proj;
+* output layer: 2hV per row whose logits are computed.
+
+Attention counts the keys each query actually attends: s(s+1)/2 for a causal sequence of s tokens
+(Megatron-LM's current formula counts s²/2), a cached decode step at position p attends p + 1 keys.
+
+**Model FLOPs** count forward + backward = 3 x forward of the work a phase needs (Megatron-LM's
+TFLOP/s convention).  **Hardware FLOPs** add what recomputation re-runs: the whole update forward
+with ``recompute="full"``, the core attention (QK^T, AV) with ``"selective"``.  Padding is not
+counted in either (the "rows" update pads micro-batches to the widest row; that waste is real on
+the GPU but is not work the iteration needs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+from megatron_rlp.models.presets import ModelPreset
+
+__all__ = [
+    "VARIANTS", "PHASES", "RLPSettings", "Layout", "PhaseCost", "IterationCost", "Work",
+    "layer_kinds", "stage_layer_kinds", "stage_parameters", "total_parameters",
+    "forward_flops", "rlp_iteration_cost", "ntp_iteration_cost", "training_flops",
+    "StageMemory", "stage_memory",
+]
+
+VARIANTS = ("shared_prefix", "rows", "straightforward")
+PHASES = ("teacher", "sampling_prefill", "sampling_decode", "scoring", "update", "optimizer", "ema")
+
+MAMBA_D_CONV = 4        # megatron MambaMixer's default d_conv (the presets do not change it)
+MAMBA_SCAN_FLOPS = 6    # per d_inner x d_state element per token: decay, dt·B·x, add, C·h (2)
+ADAM_FLOPS_PER_PARAM = 12  # estimate: moments, bias correction, sqrt, divide, weight decay, update
+EMA_FLOPS_PER_PARAM = 3    # φ ← τφ + (1 − τ)θ
+GRAD_BYTES = 4          # the loop's DDP buffer is fp32 (grad_reduce_in_fp32=True)
+
+# Layer kinds: "T" a GPT transformer layer (attention + MLP); hybrid "M" Mamba, "*" attention, "-" MLP.
+_GPT_LAYER = "T"
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers and stages
+# ---------------------------------------------------------------------------------------------
+def layer_kinds(preset: ModelPreset) -> str:
+    """One symbol per layer: "T" for each GPT layer, the hybrid pattern for a hybrid preset."""
+    if preset.family == "gpt":
+        return _GPT_LAYER * preset.num_layers
+    if preset.family == "hybrid":
+        if not preset.hybrid_pattern or len(preset.hybrid_pattern) != preset.num_layers:
+            raise ValueError(f"hybrid preset {preset.name!r} needs a hybrid_pattern of {preset.num_layers} layers")
+        return preset.hybrid_pattern
+    raise ValueError(f"unknown model family {preset.family!r} in preset {preset.name!r}")
+
+
+def stage_layer_kinds(preset: ModelPreset, pp: int, first: Optional[int] = None,
+                      last: Optional[int] = None) -> list[str]:
+    """The layers of each pipeline stage, split as megatron-core splits them (even split, or
+    ``--decoder-first/last-pipeline-num-layers`` with the rest spread evenly over the middle)."""
+    kinds = layer_kinds(preset)
+    n = len(kinds)
+    if pp < 1:
+        raise ValueError(f"--pipeline-model-parallel-size must be >= 1; got {pp}")
+    if first is None and last is None:
+        if n % pp:
+            raise ValueError(
+                f"--pipeline-model-parallel-size {pp} does not divide the {n} layers of {preset.name!r}; "
+                "set --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers"
+            )
+        counts = [n // pp] * pp
+    else:
+        if pp < 2:
+            raise ValueError("uneven first/last pipeline stage layers need --pipeline-model-parallel-size >= 2")
+        middle_stages = pp - (first is not None) - (last is not None)
+        middle_layers = n - (first or 0) - (last or 0)
+        if middle_layers < 0 or (middle_stages == 0 and middle_layers) or (
+            middle_stages and middle_layers % middle_stages
+        ):
+            raise ValueError(
+                f"first/last stage layers ({first}, {last}) leave {middle_layers} of the {n} layers of "
+                f"{preset.name!r} for {middle_stages} middle stage(s): they must divide evenly"
+            )
+        per_middle = middle_layers // middle_stages if middle_stages else 0
+        counts = [per_middle] * pp
+        if first is not None:
+            counts[0] = first
+        if last is not None:
+            counts[-1] = last
+    bounds = list(itertools.accumulate([0] + counts))
+    return [kinds[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _dims(p: ModelPreset) -> dict:
+    d_inner = p.mamba_num_heads * p.mamba_head_dim
+    return dict(
+        h=p.hidden_size, f=p.ffn_hidden_size, V=p.vocab_size,
+        q=p.num_attention_heads * p.kv_channels, kv=p.num_query_groups * p.kv_channels,
+        f_in=p.ffn_hidden_size * (2 if p.activation == "swiglu" else 1),
+        di=d_inner, gn=p.mamba_num_groups * p.mamba_state_dim, nh=p.mamba_num_heads,
+        n=p.mamba_state_dim, conv=d_inner + 2 * p.mamba_num_groups * p.mamba_state_dim,
+    )
+
+
+def _check_tp(preset: ModelPreset, tp: int) -> None:
+    divisible = {
+        "attention heads": preset.num_attention_heads, "KV groups": preset.num_query_groups,
+        "vocabulary": preset.vocab_size, "FFN width": preset.ffn_hidden_size,
+    }
+    if preset.family == "hybrid":
+        divisible.update({"Mamba heads": preset.mamba_num_heads, "Mamba groups": preset.mamba_num_groups})
+    bad = [f"{name} ({value})" for name, value in divisible.items() if value % tp]
+    if tp < 1 or bad:
+        raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the {', '.join(bad) or 'model'} "
+                         f"of {preset.name!r}")
+
+
+def _layer_parameters(p: ModelPreset, kind: str, tp: int) -> int:
+    """Parameters of one layer on one tensor-parallel rank (norms are replicated on every rank)."""
+    d = _dims(p)
+    h = d["h"]
+    attention = (h * (d["q"] + 2 * d["kv"]) + d["q"] * h) // tp + (2 * p.kv_channels if p.qk_layernorm else 0)
+    mlp = (h * d["f_in"] + d["f"] * h) // tp
+    if kind == _GPT_LAYER:
+        return h + attention + h + mlp  # input norm, attention, pre-MLP norm, MLP
+    if kind == "*":
+        return h + attention
+    if kind == "-":
+        return h + mlp
+    if kind == "M":
+        in_proj = h * (2 * d["di"] + 2 * d["gn"] + d["nh"]) // tp
+        conv = (d["conv"] // tp) * (MAMBA_D_CONV + 1)  # depthwise weight + bias
+        per_head = 3 * d["nh"] // tp                   # A_log, D, dt_bias
+        gated_norm = d["di"] // tp
+        out_proj = d["di"] * h // tp
+        return h + in_proj + conv + per_head + gated_norm + out_proj
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def stage_parameters(preset: ModelPreset, tp: int = 1, pp: int = 1, first: Optional[int] = None,
+                     last: Optional[int] = None) -> list[int]:
+    """Exact parameter count of one tensor-parallel rank of each pipeline stage (megatron-core).
+
+    The first stage holds the (vocab-parallel) embedding, the last the final norm and the output
+    layer; with tied embeddings and PP > 1 the last stage keeps its own copy of the output weight
+    (megatron synchronises it with the embedding), so it is counted on both stages.
+    """
+    _check_tp(preset, tp)
+    emb = preset.vocab_size // tp * preset.hidden_size
+    counts = []
+    stages = stage_layer_kinds(preset, pp, first, last)
+    for s, kinds in enumerate(stages):
+        n = sum(_layer_parameters(preset, k, tp) for k in kinds)
+        if s == 0:
+            n += emb
+        if s == len(stages) - 1:
+            n += preset.hidden_size  # final norm
+            if not (preset.tie_embeddings and s == 0):
+                n += emb
+        counts.append(n)
+    return counts
+
+
+def total_parameters(preset: ModelPreset) -> int:
+    """Parameters of the whole model at TP=1, PP=1 (tied embeddings counted once)."""
+    return stage_parameters(preset)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Work:
+    """What one forward pass does: ``tokens`` through every layer, ``keys`` attended keys summed
+    over those tokens (per attention layer), ``logit_rows`` rows through the output layer."""
+
+    tokens: float = 0.0
+    keys: float = 0.0
+    logit_rows: float = 0.0
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.tokens + other.tokens, self.keys + other.keys, self.logit_rows + other.logit_rows)
+
+    def __mul__(self, k: float) -> "Work":
+        return Work(self.tokens * k, self.keys * k, self.logit_rows * k)
+
+    __rmul__ = __mul__
+
+
+def _layer_dense_flops(p: ModelPreset, kind: str) -> float:
+    """Forward FLOPs per token of a layer, without the attention over keys."""
+    d = _dims(p)
+    h = d["h"]
+    attention = 2 * h * (d["q"] + 2 * d["kv"]) + 2 * d["q"] * h
+    mlp = 2 * h * d["f_in"] + 2 * d["f"] * h
+    if kind == _GPT_LAYER:
+        return attention + mlp
+    if kind == "*":
+        return attention
+    if kind == "-":
+        return mlp
+    if kind == "M":
+        return (2 * h * (2 * d["di"] + 2 * d["gn"] + d["nh"]) + 2 * d["conv"] * MAMBA_D_CONV
+                + MAMBA_SCAN_FLOPS * d["di"] * d["n"] + 2 * d["di"] * h)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def _attention_layers(kinds: str) -> int:
+    return sum(k in (_GPT_LAYER, "*") for k in kinds)
+
+
+def forward_flops(preset: ModelPreset, work: Work) -> float:
+    """Forward FLOPs of ``work`` through the whole model."""
+    kinds = layer_kinds(preset)
+    dense = sum(_layer_dense_flops(preset, k) for k in kinds)
+    q = preset.num_attention_heads * preset.kv_channels
+    return (work.tokens * dense + _attention_layers(kinds) * 4 * q * work.keys
+            + work.logit_rows * 2 * preset.hidden_size * preset.vocab_size)
+
+
+def _core_attention_flops(preset: ModelPreset, work: Work) -> float:
+    q = preset.num_attention_heads * preset.kv_channels
+    return _attention_layers(layer_kinds(preset)) * 4 * q * work.keys
+
+
+def _causal(s: float) -> float:
+    """Keys attended by a causal sequence of s tokens (each token sees itself and its past)."""
+    return s * (s + 1) / 2
+
+
+def _suffix(prefix: float, s: float) -> float:
+    """Keys attended by s tokens that follow ``prefix`` cached/visible tokens."""
+    return s * prefix + _causal(s)
+
+
+@dataclass(frozen=True)
+class RLPSettings:
+    """The shape of one RLP iteration.
+
+    ``contexts``: B·k contexts per iteration over all data-parallel ranks (the paper: 512).
+    ``context_len``: C, or a list of context lengths taken as equally likely (attention is
+    quadratic, so a distribution is not its mean).  ``thought_len``: L, tokens of a thought before
+    its close marker, or a list (equally likely, independent of C).  ``window_len``: tokens of the
+    EMA teacher's forward per document (default: the context length, i.e. the shortest window
+    that holds x_t).  ``positions_per_doc``: k
+    (documents = contexts / k).  ``baseline_interval``: the teacher runs every N sample batches;
+    ``updates_per_batch``: U optimizer steps per sample batch (sampling is amortised over them).
+    The sampling temperature does not change any FLOP count and is not an input.
+    """
+
+    contexts: int
+    context_len: Union[int, Sequence[int]]
+    num_thoughts: int
+    thought_len: Union[float, Sequence[float]]
+    positions_per_doc: int = 1
+    window_len: Optional[int] = None
+    baseline_interval: int = 1
+    updates_per_batch: int = 1
+
+    def __post_init__(self):
+        cs, ls = self.context_lens, self.thought_lens
+        problems = []
+        if self.contexts < 1:
+            problems.append(f"contexts must be >= 1; got {self.contexts}")
+        if self.num_thoughts < 1:
+            problems.append(f"num_thoughts (G) must be >= 1; got {self.num_thoughts}")
+        if not cs or min(cs) < 1:
+            problems.append(f"context lengths must be >= 1; got {self.context_len}")
+        if not ls or min(ls) < 0:
+            problems.append(f"thought lengths must be >= 0; got {self.thought_len}")
+        if self.positions_per_doc < 1 or self.baseline_interval < 1 or self.updates_per_batch < 1:
+            problems.append("positions_per_doc, baseline_interval and updates_per_batch must be >= 1")
+        if problems:
+            raise ValueError("invalid RLP settings: " + "; ".join(problems))
+
+    @property
+    def context_lens(self) -> tuple:
+        return tuple(self.context_len) if isinstance(self.context_len, (list, tuple)) else (self.context_len,)
+
+    @property
+    def thought_lens(self) -> tuple:
+        return tuple(self.thought_len) if isinstance(self.thought_len, (list, tuple)) else (self.thought_len,)
+
+
+def _context_work(variant: str, c: float, l: float, g: int) -> dict[str, Work]:
+    """Forward work per context (its G thoughts included) for each forward-pass phase.
+
+    Branch inputs are open marker, L thought tokens, close marker (L + 2 tokens); x_t is a label.
+    Sampling feeds the open marker and the L thought tokens (the close is sampled, not fed).
+    """
+    branch = l + 2
+    if variant == "straightforward":
+        prefill = Work(g * (c + 1), g * _causal(c + 1), g)                     # x_<t + open, per thought
+        decode = Work(g * l, g * _suffix(c + 1, l), g * l)
+        scoring = Work(g * (c + branch), g * _causal(c + branch), g)          # S_pred, own pass
+    else:  # one prefill per context, branches decode over the shared cache; S_pred fused
+        prefill = Work(c, _causal(c), 0)
+        decode = Work(g * (l + 1), g * _suffix(c, l + 1), g * (l + 1))
+        scoring = Work()
+    if variant == "shared_prefix":
+        update = Work(c + g * branch, _causal(c) + g * _suffix(c, branch), g * branch)
+    else:
+        update = Work(g * (c + branch), g * _causal(c + branch), g * branch)
+    return {"sampling_prefill": prefill, "sampling_decode": decode, "scoring": scoring, "update": update}
+
+
+@dataclass(frozen=True)
+class PhaseCost:
+    model_flops: float
+    hardware_flops: float
+    tokens: float  # tokens through the model (forward passes; the update's counted once)
+
+
+@dataclass
+class IterationCost:
+    phases: dict[str, PhaseCost] = field(default_factory=dict)
+
+    @property
+    def model_flops(self) -> float:
+        return sum(p.model_flops for p in self.phases.values())
+
+    @property
+    def hardware_flops(self) -> float:
+        return sum(p.hardware_flops for p in self.phases.values())
+
+
+def _check_recompute(recompute: str) -> None:
+    if recompute not in ("none", "selective", "full"):
+        raise ValueError(f"recompute must be 'none', 'selective' or 'full' (--recompute-granularity); got {recompute!r}")
+
+
+def _train_phase(preset: ModelPreset, work: Work, recompute: str) -> PhaseCost:
+    fwd = forward_flops(preset, work)
+    extra = {"none": 0.0, "selective": _core_attention_flops(preset, work), "full": fwd}[recompute]
+    return PhaseCost(3 * fwd, 3 * fwd + extra, work.tokens)
+
+
+def _parameter_phases(preset: ModelPreset) -> dict[str, PhaseCost]:
+    n = total_parameters(preset)
+    return {"optimizer": PhaseCost(ADAM_FLOPS_PER_PARAM * n, ADAM_FLOPS_PER_PARAM * n, 0),
+            "ema": PhaseCost(EMA_FLOPS_PER_PARAM * n, EMA_FLOPS_PER_PARAM * n, 0)}
+
+
+def rlp_iteration_cost(preset: ModelPreset, settings: RLPSettings, variant: str = "rows",
+                       recompute: str = "none") -> IterationCost:
+    """FLOPs of one RLP iteration (one optimizer step), whole job (all GPUs), by phase.
+
+    ``variant``: "shared_prefix" (each context once in the update, followed by its G branches,
+    which attend to [shared context K/V; their own]); "rows" (today: one row per thought in the
+    update, shared prefill in the sampler, S_pred from the update forward); "straightforward" (one
+    sequence per thought re-prefilled for sampling, a separate S_pred scoring pass, one row per
+    thought in the update).  The teacher (forward over each document's window, logits at its k
+    positions) is the same in all three.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    _check_recompute(recompute)
+    s = settings
+    pairs = list(itertools.product(s.context_lens, s.thought_lens))
+    mean = {k: Work() for k in ("sampling_prefill", "sampling_decode", "scoring", "update")}
+    for c, l in pairs:
+        for k, w in _context_work(variant, c, l, s.num_thoughts).items():
+            mean[k] = mean[k] + w * (1.0 / len(pairs))
+    teacher = Work()
+    for c in s.context_lens:  # one forward per document over its window, logits at its k positions
+        w = s.window_len if s.window_len is not None else c
+        teacher = teacher + Work(w, _causal(w), s.positions_per_doc) * (1.0 / len(s.context_lens))
+    per_batch = s.contexts / s.updates_per_batch  # sampling and teacher amortised over U steps
+    phases = {"teacher": teacher * (per_batch / s.positions_per_doc / s.baseline_interval)}
+    for k in ("sampling_prefill", "sampling_decode", "scoring"):
+        phases[k] = mean[k] * per_batch
+    cost = IterationCost()
+    for k, work in phases.items():
+        f = forward_flops(preset, work)
+        cost.phases[k] = PhaseCost(f, f, work.tokens)
+    cost.phases["update"] = _train_phase(preset, mean["update"] * s.contexts, recompute)
+    cost.phases.update(_parameter_phases(preset))
+    cost.phases = {k: cost.phases[k] for k in PHASES}
+    return cost
+
+
+def ntp_iteration_cost(preset: ModelPreset, global_batch_size: int, seq_length: int,
+                       recompute: str = "none") -> IterationCost:
+    """FLOPs of one next-token iteration: ``global_batch_size`` rows of ``seq_length`` tokens,
+    causal attention, logits at every token; plus optimizer (no EMA)."""
+    _check_recompute(recompute)
+    work = Work(seq_length, _causal(seq_length), seq_length) * global_batch_size
+    cost = IterationCost({"update": _train_phase(preset, work, recompute)})
+    cost.phases["optimizer"] = _parameter_phases(preset)["optimizer"]
+    return cost
+
+
+def training_flops(preset: ModelPreset, tokens: float, seq_length: int) -> float:
+    """Model FLOPs (forward + backward) of ``tokens`` tokens in causal rows of ``seq_length`` with
+    logits at every token — the log line's TFLOP/s numerator."""
+    rows = tokens / seq_length
+    return 3 * forward_flops(preset, Work(seq_length, _causal(seq_length), seq_length) * rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+_DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout and the memory-relevant training flags (Megatron-LM names in brackets).
+
+    ``micro_batch_size``: documents per update micro-batch [--micro-batch-size] (each brings k
+    contexts and all G branches of each).  ``sampler_micro_batch_size``: rows (branches) per decode
+    micro-batch [--rlp-sampler-micro-batch-size]; default as the sampler: all rows at PP=1,
+    ceil(rows / PP) otherwise.  ``flash_attention``: fused attention that keeps no score matrix
+    (Transformer Engine on a GPU); False for megatron's local DotProductAttention (CPU).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
+    distributed_optimizer: bool = False
+    params_dtype: str = "bf16"
+    recompute: str = "none"
+    micro_batch_size: int = 1
+    sequence_parallel: bool = False
+    flash_attention: bool = True
+    sampler_micro_batch_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.params_dtype not in _DTYPE_BYTES:
+            raise ValueError(f"params_dtype must be 'bf16' or 'fp32'; got {self.params_dtype!r}")
+        _check_recompute(self.recompute)
+        if min(self.tp, self.pp, self.dp, self.micro_batch_size) < 1:
+            raise ValueError("tp, pp, dp and micro_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes per GPU of one pipeline stage (every TP/DP rank of a stage holds the same)."""
+
+    stage: int
+    layers: str
+    parameters: int
+    terms: dict  # name -> bytes: weights, main_grads, optimizer_states, ema_teacher, activations, sampler_cache
+
+    @property
+    def static(self) -> int:
+        return sum(v for k, v in self.terms.items() if k not in ("activations", "sampler_cache"))
+
+    @property
+    def peak(self) -> int:
+        """Static state plus the larger of the update's activations and the sampler's caches
+        (sampling ends, and its caches are freed, before the update starts)."""
+        return self.static + max(self.terms["activations"], self.terms["sampler_cache"])
+
+    @property
+    def largest_term(self) -> str:
+        return max(self.terms, key=self.terms.get)
+
+
+def _activation_bytes_per_token(p: ModelPreset, kind: str, tp: int, sp: bool, scores_len: float) -> float:
+    """Bytes a layer keeps for backward per token (bf16 elements x 2; estimate).
+
+    Saved: norm inputs and outputs (h each; split over TP only with sequence parallelism), and the
+    inputs of the following matmuls / kernels (split over TP): Q, K, V (+ their QK-norm inputs),
+    the attention output, fc1's output and the activation's output; for Mamba, in_proj's output,
+    the conv output, the scan output and the gated norm's output.  Without fused attention the
+    softmax output (heads x keys) is kept too.
+    """
+    d = _dims(p)
+    rep = d["h"] / (tp if sp else 1)
+    attn = (d["q"] + 2 * d["kv"] + (d["q"] + d["kv"] if p.qk_layernorm else 0) + d["q"]) / tp
+    attn += p.num_attention_heads * scores_len / tp
+    mlp = (d["f_in"] + d["f"]) / tp
+    if kind == _GPT_LAYER:
+        n = 4 * rep + attn + mlp
+    elif kind == "*":
+        n = 2 * rep + attn
+    elif kind == "-":
+        n = 2 * rep + mlp
+    else:
+        n = 2 * rep + (2 * d["di"] + 2 * d["gn"] + d["nh"] + d["conv"] + 2 * d["di"]) / tp
+    return 2 * n
+
+
+def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
+                 variant: str = "rows") -> list[StageMemory]:
+    """Memory per GPU of each pipeline stage during an RLP iteration.
+
+    Exact for the parameter count: ``weights`` (params dtype), ``main_grads`` (fp32 buffer),
+    ``optimizer_states`` (Adam: fp32 main weights when bf16, two fp32 moments; divided over DP with
+    the distributed optimizer), ``ema_teacher`` (fp32 copy).  Estimates:
+
+    * ``activations``: the update micro-batch (padded to its widest row: max context and thought
+      length) through this stage's layers (:func:`_activation_bytes_per_token`), times the
+      micro-batches 1F1B keeps in flight on the stage (PP − stage, at most the micro-batch count).
+      ``recompute="full"``: only each layer's input (h per token) plus one layer's working set;
+      ``"selective"``: the softmax output is not kept (no difference with fused attention).
+    * ``sampler_cache``: KV cache (one cache row per branch — the "rows" layout; the "tree" layout
+      for GPT models is smaller) and Mamba conv/SSM states, of every decode micro-batch this
+      data-parallel rank samples: today's sampler allocates all of them before decoding.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    L, s, g = layout, settings, settings.num_thoughts
+    stages = stage_layer_kinds(preset, L.pp, L.first_stage_layers, L.last_stage_layers)
+    params = stage_parameters(preset, L.tp, L.pp, L.first_stage_layers, L.last_stage_layers)
+    wbytes = _DTYPE_BYTES[L.params_dtype]
+    opt_per_param = (4 if L.params_dtype == "bf16" else 0) + 8
+    opt_div = L.dp if L.distributed_optimizer else 1
+
+    contexts_per_rank = s.contexts / L.dp
+    per_mb_contexts = L.micro_batch_size * s.positions_per_doc
+    num_microbatches = max(1, math.ceil(contexts_per_rank / per_mb_contexts))
+    c_max, l_max = max(s.context_lens), max(s.thought_lens)
+    if variant == "shared_prefix":
+        row_len, rows = c_max + g * (l_max + 2), per_mb_contexts
+        scores_len = row_len  # a masked packed row: every token against the row
+    else:
+        row_len, rows = c_max + l_max + 2, per_mb_contexts * g
+        scores_len = row_len
+    mb_tokens = rows * row_len
+    if L.flash_attention or L.recompute == "selective":
+        scores_len = 0.0
+
+    rows_total = math.ceil(contexts_per_rank) * g
+    sampler_mbs = L.sampler_micro_batch_size or (rows_total if L.pp == 1 else math.ceil(rows_total / L.pp))
+    resident_rows = sampler_mbs * math.ceil(rows_total / sampler_mbs)
+    cache_len = c_max + l_max + 2
+    d = _dims(preset)
+    kv_per_token = 2 * (preset.num_query_groups // L.tp) * preset.kv_channels * wbytes
+    mamba_per_row = ((d["conv"] // L.tp) * MAMBA_D_CONV + (d["nh"] // L.tp) * preset.mamba_head_dim * d["n"]) * wbytes
+
+    out = []
+    for i, (kinds, n) in enumerate(zip(stages, params)):
+        per_token = [_activation_bytes_per_token(preset, k, L.tp, L.sequence_parallel, scores_len) for k in kinds]
+        if L.recompute == "full":
+            held = len(kinds) * 2 * d["h"] / (L.tp if L.sequence_parallel else 1)
+            act_mb = mb_tokens * held + mb_tokens * max(per_token, default=0.0)
+        else:
+            act_mb = mb_tokens * sum(per_token)
+        in_flight = min(num_microbatches, L.pp - i)
+        cache = resident_rows * (_attention_layers(kinds) * kv_per_token * cache_len
+                                 + kinds.count("M") * mamba_per_row)
+        terms = {
+            "weights": n * wbytes,
+            "main_grads": n * GRAD_BYTES,
+            "optimizer_states": math.ceil(n * opt_per_param / opt_div),
+            "ema_teacher": n * 4,
+            "activations": int(act_mb * in_flight),
+            "sampler_cache": int(cache),
+        }
+        out.append(StageMemory(i, kinds, n, terms))
+    return out
