@@ -49,7 +49,7 @@ from megatron_rlp.models.presets import ModelPreset
 __all__ = [
     "VARIANTS", "PHASES", "RLPSettings", "Layout", "PhaseCost", "IterationCost", "Work",
     "layer_kinds", "stage_layer_kinds", "stage_parameters", "total_parameters",
-    "forward_flops", "rlp_iteration_cost", "ntp_iteration_cost", "training_flops",
+    "forward_flops", "rlp_iteration_cost", "rlp_batch_cost", "ntp_iteration_cost", "training_flops",
     "StageMemory", "stage_memory",
 ]
 
@@ -308,25 +308,29 @@ class RLPSettings:
         return tuple(self.thought_len) if isinstance(self.thought_len, (list, tuple)) else (self.thought_len,)
 
 
-def _context_work(variant: str, c: float, l: float, g: int) -> dict[str, Work]:
-    """Forward work per context (its G thoughts included) for each forward-pass phase.
+def _context_work(variant: str, c: float, branch_lens: Sequence[float]) -> dict[str, Work]:
+    """Forward work of one context and its branches (thought lengths ``branch_lens``) per phase.
 
     Branch inputs are open marker, L thought tokens, close marker (L + 2 tokens); x_t is a label.
     Sampling feeds the open marker and the L thought tokens (the close is sampled, not fed).
     """
-    branch = l + 2
-    if variant == "straightforward":
-        prefill = Work(g * (c + 1), g * _causal(c + 1), g)                     # x_<t + open, per thought
-        decode = Work(g * l, g * _suffix(c + 1, l), g * l)
-        scoring = Work(g * (c + branch), g * _causal(c + branch), g)          # S_pred, own pass
-    else:  # one prefill per context, branches decode over the shared cache; S_pred fused
-        prefill = Work(c, _causal(c), 0)
-        decode = Work(g * (l + 1), g * _suffix(c, l + 1), g * (l + 1))
-        scoring = Work()
+    prefill, decode, scoring, update = Work(), Work(), Work(), Work()
+    if variant != "straightforward":
+        prefill = Work(c, _causal(c), 0)  # one prefill per context, branches decode over its cache
     if variant == "shared_prefix":
-        update = Work(c + g * branch, _causal(c) + g * _suffix(c, branch), g * branch)
-    else:
-        update = Work(g * (c + branch), g * _causal(c + branch), g * branch)
+        update = Work(c, _causal(c), 0)   # the context once; branches attend [its K/V; their own]
+    for l in branch_lens:
+        branch = l + 2
+        if variant == "straightforward":
+            prefill += Work(c + 1, _causal(c + 1), 1)           # x_<t + open, per thought
+            decode += Work(l, _suffix(c + 1, l), l)
+            scoring += Work(c + branch, _causal(c + branch), 1)  # S_pred in its own pass
+        else:
+            decode += Work(l + 1, _suffix(c, l + 1), l + 1)
+        if variant == "shared_prefix":
+            update += Work(branch, _suffix(c, branch), branch)
+        else:
+            update += Work(c + branch, _causal(c + branch), branch)
     return {"sampling_prefill": prefill, "sampling_decode": decode, "scoring": scoring, "update": update}
 
 
@@ -378,28 +382,60 @@ def rlp_iteration_cost(preset: ModelPreset, settings: RLPSettings, variant: str 
     thought in the update).  The teacher (forward over each document's window, logits at its k
     positions) is the same in all three.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    _check_recompute(recompute)
+    _check_variant(variant, recompute)
     s = settings
     pairs = list(itertools.product(s.context_lens, s.thought_lens))
-    mean = {k: Work() for k in ("sampling_prefill", "sampling_decode", "scoring", "update")}
+    mean = {k: Work() for k in _FORWARD_PHASES + ("update",)}
     for c, l in pairs:
-        for k, w in _context_work(variant, c, l, s.num_thoughts).items():
+        for k, w in _context_work(variant, c, [l] * s.num_thoughts).items():
             mean[k] = mean[k] + w * (1.0 / len(pairs))
     teacher = Work()
     for c in s.context_lens:  # one forward per document over its window, logits at its k positions
         w = s.window_len if s.window_len is not None else c
         teacher = teacher + Work(w, _causal(w), s.positions_per_doc) * (1.0 / len(s.context_lens))
     per_batch = s.contexts / s.updates_per_batch  # sampling and teacher amortised over U steps
-    phases = {"teacher": teacher * (per_batch / s.positions_per_doc / s.baseline_interval)}
-    for k in ("sampling_prefill", "sampling_decode", "scoring"):
-        phases[k] = mean[k] * per_batch
+    forward = {"teacher": teacher * (per_batch / s.positions_per_doc / s.baseline_interval)}
+    forward.update({k: mean[k] * per_batch for k in _FORWARD_PHASES})
+    return _assemble(preset, forward, mean["update"] * s.contexts, recompute)
+
+
+def rlp_batch_cost(preset: ModelPreset, context_lens: Sequence[int], thought_lens: Sequence[Sequence[int]],
+                   variant: str = "rows", recompute: str = "none", teacher_windows: Sequence[int] = (),
+                   positions_per_doc: int = 1, sampled: bool = True) -> IterationCost:
+    """FLOPs of one iteration over an actual batch, real tokens only (no padding).
+
+    ``context_lens[i]``: t of context i; ``thought_lens[i]``: the sampled lengths (before the close
+    marker) of its G thoughts.  ``teacher_windows``: tokens of each document the teacher scored in
+    this iteration (empty when it did not run), with ``positions_per_doc`` logit rows each.
+    ``sampled=False`` for a reused sample batch (--rlp-updates-per-batch > 1): no sampling cost.
+    """
+    _check_variant(variant, recompute)
+    if len(context_lens) != len(thought_lens):
+        raise ValueError(f"{len(context_lens)} context lengths but {len(thought_lens)} lists of thought lengths")
+    work = {k: Work() for k in _FORWARD_PHASES + ("update",)}
+    for c, branch_lens in zip(context_lens, thought_lens):
+        for k, w in _context_work(variant, c, branch_lens).items():
+            work[k] = work[k] + w
+    forward = {"teacher": sum((Work(w, _causal(w), positions_per_doc) for w in teacher_windows), Work())}
+    forward.update({k: work[k] * (1.0 if sampled else 0.0) for k in _FORWARD_PHASES})
+    return _assemble(preset, forward, work["update"], recompute)
+
+
+def _check_variant(variant: str, recompute: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    _check_recompute(recompute)
+
+
+_FORWARD_PHASES = ("sampling_prefill", "sampling_decode", "scoring")
+
+
+def _assemble(preset: ModelPreset, forward: dict, update: Work, recompute: str) -> IterationCost:
     cost = IterationCost()
-    for k, work in phases.items():
+    for k, work in forward.items():
         f = forward_flops(preset, work)
         cost.phases[k] = PhaseCost(f, f, work.tokens)
-    cost.phases["update"] = _train_phase(preset, mean["update"] * s.contexts, recompute)
+    cost.phases["update"] = _train_phase(preset, update, recompute)
     cost.phases.update(_parameter_phases(preset))
     cost.phases = {k: cost.phases[k] for k in PHASES}
     return cost

@@ -263,3 +263,46 @@ def test_memory_hybrid_mamba_states_in_sampler_cache():
     kv = 6 * 2 * 1 * 128 * 2 * (2048 + 1024 + 2)           # 6 attention layers, 1 group per rank
     mamba = 28 * ((12288 // 8) * 4 + 16 * 80 * 128) * 2     # conv + SSM state per Mamba layer
     assert m.terms["sampler_cache"] == rows * (kv + mamba)
+
+
+# ---------------------------------------------------------------------------------------------
+# Actual batches and the benchmark's analytic mode
+# ---------------------------------------------------------------------------------------------
+def test_batch_cost_counts_each_thought_at_its_own_length():
+    # Context of 3 with thoughts of 1 and 3 tokens (mean 2) against the hand counts above.
+    cost = cm.rlp_batch_cost(MINI, [3], [[1, 3]], "shared_prefix", teacher_windows=[3])
+    # Branches of 3 and 5 tokens after the context: keys 4+5+6 and 4+5+6+7+8; 8 logit rows.
+    assert cost.phases["update"].model_flops == 3 * _fwd(3 + 3 + 5, 6 + 15 + 30, 8)
+    # Decode: 2 and 4 tokens fed from position 3: keys 4+5 and 4+5+6+7.
+    assert cost.phases["sampling_decode"].model_flops == _fwd(6, 9 + 22, 6)
+    assert cost.phases["teacher"].model_flops == _fwd(3, 6, 1)
+    # Equal lengths reproduce the settings-based cost; a reused batch has no sampling cost.
+    same = cm.rlp_batch_cost(MINI, [3], [[2, 2]], "rows", teacher_windows=[3])
+    ref = cm.rlp_iteration_cost(MINI, HAND, "rows")
+    assert {k: v.model_flops for k, v in same.phases.items()} == {k: v.model_flops for k, v in ref.phases.items()}
+    reused = cm.rlp_batch_cost(MINI, [3], [[2, 2]], "rows", sampled=False)
+    assert reused.phases["sampling_decode"].model_flops == reused.phases["teacher"].model_flops == 0
+    assert reused.phases["update"].model_flops == ref.phases["update"].model_flops
+    with pytest.raises(ValueError, match="thought lengths"):
+        cm.rlp_batch_cost(MINI, [3, 4], [[2, 2]])
+
+
+def test_bench_rlp_analytic_prints_a_json_line_per_setting(capsys):
+    import json
+
+    from tools import bench_rlp
+
+    rc = bench_rlp.main(["--analytic", "--presets", "tiny", "tiny-hybrid", "--context-len", "256",
+                         "--num-thoughts", "8", "--contexts", "8", "--thought-lens", "16", "32"])
+    assert rc == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["preset"], r["mean_thought_len"]) for r in records] == [
+        ("tiny", 16), ("tiny", 32), ("tiny-hybrid", 16), ("tiny-hybrid", 32)]
+    for r in records:
+        totals = {v: sum(r["phases"][v].values()) for v in cm.VARIANTS}
+        assert r["flops_ratio"] == pytest.approx(totals["shared_prefix"] / totals["rows"])
+        assert r["flops_ratio_straightforward"] == pytest.approx(totals["shared_prefix"] / totals["straightforward"])
+        assert 0 < r["flops_ratio_straightforward"] < r["flops_ratio"] < 1
+    # The running mode is not built: it says so instead of printing numbers.
+    assert bench_rlp.main([]) == 2
+    assert "not built yet" in capsys.readouterr().err
