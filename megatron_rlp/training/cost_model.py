@@ -505,6 +505,7 @@ class StageMemory:
     layers: str
     parameters: int
     terms: dict  # name -> bytes: weights, main_grads, optimizer_states, ema_teacher, activations, sampler_cache
+    sampler_microbatch: int = 0  # KV cache and Mamba states of one decode micro-batch (in sampler_cache)
 
     @property
     def static(self) -> int:
@@ -559,9 +560,12 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
       micro-batches 1F1B keeps in flight on the stage (PP − stage, at most the micro-batch count).
       ``recompute="full"``: only each layer's input (h per token) plus one layer's working set;
       ``"selective"``: the softmax output is not kept (no difference with fused attention).
-    * ``sampler_cache``: KV cache (one cache row per branch — the "rows" layout; the "tree" layout
-      for GPT models is smaller) and Mamba conv/SSM states, of every decode micro-batch this
-      data-parallel rank samples: today's sampler allocates all of them before decoding.
+    * ``sampler_cache``: the sampler's peak: the prefill caches (each document up to its largest
+      position, Mamba states and a state snapshot per context) plus the decode caches of every
+      micro-batch this data-parallel rank samples — today's sampler allocates all of them (one
+      cache row of aligned context + thought cap per branch, the "rows" layout; the "tree" layout
+      for GPT models is smaller) before it decodes and frees the prefill caches.
+      ``sampler_microbatch`` is the share of one decode micro-batch.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
@@ -586,10 +590,11 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
     if L.flash_attention or L.recompute == "selective":
         scores_len = 0.0
 
-    rows_total = math.ceil(contexts_per_rank) * g
+    contexts_here = math.ceil(contexts_per_rank)
+    docs_here = math.ceil(contexts_here / s.positions_per_doc)
+    rows_total = contexts_here * g
     sampler_mbs = L.sampler_micro_batch_size or (rows_total if L.pp == 1 else math.ceil(rows_total / L.pp))
-    resident_rows = sampler_mbs * math.ceil(rows_total / sampler_mbs)
-    cache_len = c_max + l_max + 2
+    decode_len = c_max + l_max  # the sampler's rows layout: aligned context + thought cap
     d = _dims(preset)
     kv_per_token = 2 * (preset.num_query_groups // L.tp) * preset.kv_channels * wbytes
     mamba_per_row = ((d["conv"] // L.tp) * MAMBA_D_CONV + (d["nh"] // L.tp) * preset.mamba_head_dim * d["n"]) * wbytes
@@ -603,8 +608,12 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
         else:
             act_mb = mb_tokens * sum(per_token)
         in_flight = min(num_microbatches, L.pp - i)
-        cache = resident_rows * (_attention_layers(kinds) * kv_per_token * cache_len
-                                 + kinds.count("M") * mamba_per_row)
+        attn, mamba = _attention_layers(kinds), kinds.count("M")
+        decode_row = attn * kv_per_token * decode_len + mamba * mamba_per_row
+        # Prefill: every document's cache up to its position, live Mamba states and one state
+        # snapshot per context; freed only after every decode micro-batch has been forked.
+        prefill = docs_here * (attn * kv_per_token * c_max + mamba * mamba_per_row) + contexts_here * mamba * mamba_per_row
+        cache = prefill + rows_total * decode_row
         terms = {
             "weights": n * wbytes,
             "main_grads": n * GRAD_BYTES,
@@ -613,5 +622,5 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
             "activations": int(act_mb * in_flight),
             "sampler_cache": int(cache),
         }
-        out.append(StageMemory(i, kinds, n, terms))
+        out.append(StageMemory(i, kinds, n, terms, sampler_microbatch=int(sampler_mbs * decode_row)))
     return out

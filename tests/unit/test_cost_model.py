@@ -248,9 +248,11 @@ def test_memory_activations_and_caches_respond_to_the_layout():
     cache = lambda **kw: mem(**kw)[0].terms["sampler_cache"]  # noqa: E731
     assert cache(dp=2) == pytest.approx(cache() / 2, rel=0.01)
     assert cache(tp=2) == pytest.approx(cache() / 2, rel=0.01)
-    # Qwen3-1.7B: 28 layers x (K and V) x 8 groups x 128 x bf16 per cached token, 1024 rows of
-    # 2048 + 1024 + 2 slots.
-    assert cache() == 1024 * (2048 + 1024 + 2) * 28 * 2 * 8 * 128 * 2
+    # Qwen3-1.7B: 28 layers x (K and V) x 8 groups x 128 x bf16 per cached token; prefill of 64
+    # documents of 2048 tokens, then 1024 decode rows of 2048 + 1024 slots.
+    per_token = 28 * 2 * 8 * 128 * 2
+    assert cache() == (64 * 2048 + 1024 * (2048 + 1024)) * per_token
+    assert mem(sampler_micro_batch_size=256)[0].sampler_microbatch == 256 * (2048 + 1024) * per_token
     m = mem()[0]
     assert m.largest_term == "sampler_cache" and m.peak == m.static + m.terms["sampler_cache"]
 
@@ -259,10 +261,11 @@ def test_memory_hybrid_mamba_states_in_sampler_cache():
     p = get_preset("nemotron-nano-12b-v2")
     s = RLPSettings(contexts=8, context_len=2048, num_thoughts=16, thought_len=1024)
     (m,) = cm.stage_memory(p, Layout(tp=8), s)
-    rows = 8 * 16
-    kv = 6 * 2 * 1 * 128 * 2 * (2048 + 1024 + 2)           # 6 attention layers, 1 group per rank
-    mamba = 28 * ((12288 // 8) * 4 + 16 * 80 * 128) * 2     # conv + SSM state per Mamba layer
-    assert m.terms["sampler_cache"] == rows * (kv + mamba)
+    kv_token = 6 * 2 * 1 * 128 * 2                          # 6 attention layers, 1 group per rank
+    mamba = 28 * ((12288 // 8) * 4 + 16 * 80 * 128) * 2     # conv + SSM state of all Mamba layers
+    prefill = 8 * (2048 * kv_token + mamba) + 8 * mamba      # 8 documents; a snapshot per context
+    decode = 8 * 16 * ((2048 + 1024) * kv_token + mamba)     # one row per branch
+    assert m.terms["sampler_cache"] == prefill + decode
 
 
 # ---------------------------------------------------------------------------------------------
