@@ -522,8 +522,9 @@ class StageMemory:
         return max(self.terms, key=self.terms.get)
 
 
-def _activation_bytes_per_token(p: ModelPreset, kind: str, tp: int, sp: bool, scores_len: float) -> float:
-    """Bytes a layer keeps for backward per token (bf16 elements x 2; estimate).
+def _activation_bytes_per_token(p: ModelPreset, kind: str, tp: int, sp: bool, scores_len: float,
+                                 element_bytes: int) -> float:
+    """Bytes a layer keeps for backward per token (elements of the params dtype; estimate).
 
     Saved: norm inputs and outputs (h each; split over TP only with sequence parallelism), and the
     inputs of the following matmuls / kernels (split over TP): Q, K, V (+ their QK-norm inputs),
@@ -544,7 +545,7 @@ def _activation_bytes_per_token(p: ModelPreset, kind: str, tp: int, sp: bool, sc
         n = 2 * rep + mlp
     else:
         n = 2 * rep + (2 * d["di"] + 2 * d["gn"] + d["nh"] + d["conv"] + 2 * d["di"]) / tp
-    return 2 * n
+    return element_bytes * n
 
 
 def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
@@ -601,9 +602,10 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
 
     out = []
     for i, (kinds, n) in enumerate(zip(stages, params)):
-        per_token = [_activation_bytes_per_token(preset, k, L.tp, L.sequence_parallel, scores_len) for k in kinds]
+        per_token = [_activation_bytes_per_token(preset, k, L.tp, L.sequence_parallel, scores_len, wbytes)
+                     for k in kinds]
         if L.recompute == "full":
-            held = len(kinds) * 2 * d["h"] / (L.tp if L.sequence_parallel else 1)
+            held = len(kinds) * wbytes * d["h"] / (L.tp if L.sequence_parallel else 1)
             act_mb = mb_tokens * held + mb_tokens * max(per_token, default=0.0)
         else:
             act_mb = mb_tokens * sum(per_token)

@@ -309,3 +309,14 @@ def test_bench_rlp_analytic_prints_a_json_line_per_setting(capsys):
     # The running mode is not built: it says so instead of printing numbers.
     assert bench_rlp.main([]) == 2
     assert "not built yet" in capsys.readouterr().err
+
+
+def test_fp32_activations_and_caches_take_twice_the_bytes():
+    p = get_preset("tiny-hybrid")
+    s = RLPSettings(contexts=4, context_len=128, num_thoughts=4, thought_len=32)
+    for recompute in ("none", "full"):
+        bf16, fp32 = (cm.stage_memory(p, Layout(params_dtype=d, recompute=recompute), s)[0] for d in ("bf16", "fp32"))
+        for term in ("weights", "activations", "sampler_cache"):
+            assert fp32.terms[term] == pytest.approx(2 * bf16.terms[term], rel=1e-9), term
+    with pytest.raises(ValueError, match="params_dtype"):
+        Layout(params_dtype="fp16")
