@@ -34,7 +34,10 @@ Attention counts the keys each query actually attends: s(s+1)/2 for a causal seq
 TFLOP/s convention).  **Hardware FLOPs** add what recomputation re-runs: the whole update forward
 with ``recompute="full"``, the core attention (QK^T, AV) with ``"selective"``.  Padding is not
 counted in either (the "rows" update pads micro-batches to the widest row; that waste is real on
-the GPU but is not work the iteration needs).
+the GPU but is not work the iteration needs), nor is the masked-out work of the sampler's "tree"
+decode layout.  Unlike Megatron-LM's formula, which puts logits on every token, RLP phases count
+the output layer only where logits are computed (thought tokens and x_t in the update, one row per
+decode step, the k positions in the teacher); next-token iterations count every token.
 """
 
 from __future__ import annotations
@@ -581,15 +584,13 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
     per_mb_contexts = L.micro_batch_size * s.positions_per_doc
     num_microbatches = max(1, math.ceil(contexts_per_rank / per_mb_contexts))
     c_max, l_max = max(s.context_lens), max(s.thought_lens)
-    if variant == "shared_prefix":
+    if variant == "shared_prefix":  # one packed row per context
         row_len, rows = c_max + g * (l_max + 2), per_mb_contexts
-        scores_len = row_len  # a masked packed row: every token against the row
     else:
         row_len, rows = c_max + l_max + 2, per_mb_contexts * g
-        scores_len = row_len
     mb_tokens = rows * row_len
-    if L.flash_attention or L.recompute == "selective":
-        scores_len = 0.0
+    # Unfused attention keeps the softmax output: every token against its (padded) row.
+    scores_len = 0.0 if (L.flash_attention or L.recompute == "selective") else row_len
 
     contexts_here = math.ceil(contexts_per_rank)
     docs_here = math.ceil(contexts_here / s.positions_per_doc)
