@@ -6,7 +6,11 @@ Nemotron-H: the 4-layer pattern M-*M, 6 Mamba heads in 3 groups), converted with
 converter, then trained for two RLP iterations whose only model flag is --use-checkpoint-args.
 """
 
+import dataclasses
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,25 +71,37 @@ def common_state(root: str) -> dict:
     return dist_checkpointing.load_common_state_dict(iteration_dir(root, read_tracker(root)))
 
 
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """family -> (HF directory, converted megatron checkpoint, the architecture HF's config says)."""
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for family, build, reader in (("qwen3", qwen3_model, hq.preset_from_hf_config),
+                                  ("nemotron_h", nemotron_h_model, hn.preset_from_hf_config)):
+        torch.manual_seed(0)
+        hf = build()
+        hf_dir, megatron_dir = str(root / f"{family}_hf"), str(root / f"{family}_megatron")
+        hf.save_pretrained(hf_dir)
+        convert.hf_to_megatron(hf_dir, megatron_dir, progress=False)
+        expected = reader(hf.config)
+        assert all(expected.replace(name=p.name, max_position_embeddings=p.max_position_embeddings) != p
+                   for p in PRESETS.values()), "the test model must not be a preset"
+        out[family] = (hf_dir, megatron_dir, expected)
+    return out
+
+
 @pytest.mark.parametrize("family", ["qwen3", "nemotron_h"])
-def test_rlp_trains_a_converted_non_preset_model_from_checkpoint_args(family, corpus, tmp_path, capsys):
+def test_rlp_trains_a_converted_non_preset_model_from_checkpoint_args(family, corpus, converted, tmp_path, capsys):
     tokenizer_model, data = corpus
-    torch.manual_seed(0)
-    hf = (qwen3_model if family == "qwen3" else nemotron_h_model)()
-    hf_dir, converted, saved = (str(tmp_path / n) for n in ("hf", "converted", "saved"))
-    hf.save_pretrained(hf_dir)
-    convert.hf_to_megatron(hf_dir, converted, progress=False)
+    hf_dir, megatron_dir, expected = converted[family]
+    saved = str(tmp_path / "saved")
 
     # The converter records the whole architecture, max_position_embeddings included.
-    reader = hq.preset_from_hf_config if family == "qwen3" else hn.preset_from_hf_config
-    expected = reader(hf.config)
-    stored = common_state(converted)["model_args"]
+    stored = common_state(megatron_dir)["model_args"]
     assert stored["max_position_embeddings"] == 192 and stored["model_vocab_size"] == VOCAB
-    assert all(expected.replace(name=p.name, max_position_embeddings=p.max_position_embeddings) != p
-               for p in PRESETS.values()), "the test model must not be a preset"
 
     argv = [
-        "--use-checkpoint-args", "--load", converted, "--save", saved,
+        "--use-checkpoint-args", "--load", megatron_dir, "--save", saved,
         # A model flag that disagrees with the checkpoint: the checkpoint's value wins.
         "--num-layers", "7",
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
@@ -94,9 +110,8 @@ def test_rlp_trains_a_converted_non_preset_model_from_checkpoint_args(family, co
         "--rlp", "--rlp-num-thoughts", "2", "--rlp-thought-len", "4", "--rlp-positions-per-doc", "1",
         "--rlp-min-context", "4",
     ]
-    run = parse_run_config(argv)
     try:
-        history = run_training(run)
+        history = run_training(parse_run_config(argv))
     finally:
         parallel.destroy()
     assert [h["iteration"] for h in history] == [1, 2]
@@ -105,10 +120,36 @@ def test_rlp_trains_a_converted_non_preset_model_from_checkpoint_args(family, co
 
     # The training checkpoint records the same architecture; its weights moved from the converted.
     assert common_state(saved)["model_args"] == stored
-    assert common_state(saved)["model_signature"] == common_state(converted)["model_signature"]
+    assert common_state(saved)["model_signature"] == common_state(megatron_dir)["model_signature"]
     before = convert.read_hf_checkpoint(hf_dir)[1]
     back = str(tmp_path / "back")
     convert.megatron_to_hf(saved, back, progress=False)
     after = convert.read_hf_checkpoint(back)[1]
     assert set(after) == set(before)
     assert any(not torch.equal(after[k], before[k]) for k in before)
+
+
+def test_checkpoint_args_are_read_before_any_process_group_exists(converted):
+    """What every rank of a torchrun job does before initialisation: a fresh process resolves the
+    architecture from the checkpoint with no process group (a collective would raise)."""
+    code = (
+        "import dataclasses, json, sys\n"
+        "import torch.distributed as dist\n"
+        "from megatron_rlp.pretrain import parse_run_config\n"
+        "from megatron_rlp.training import loop\n"
+        "out = {}\n"
+        "for load in sys.argv[1:]:\n"
+        "    run = parse_run_config(['--use-checkpoint-args', '--load', load])\n"
+        "    out[load] = dataclasses.asdict(loop.resolve_preset(run.model, load=load))\n"
+        "assert not dist.is_initialized()\n"
+        "print('PRESETS=' + json.dumps(out))\n"
+    )
+    loads = [megatron_dir for _, megatron_dir, _ in converted.values()]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code, *loads], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("PRESETS="))[len("PRESETS="):])
+    for _, megatron_dir, expected in converted.values():
+        assert got[megatron_dir] == dataclasses.asdict(
+            expected.replace(name=f"checkpoint {iteration_dir(megatron_dir, 0)}"))
