@@ -31,18 +31,58 @@ class ParallelConfig:
 
 @dataclass
 class ModelConfig:
-    model_preset: str = option("tiny", "Model preset: tiny, qwen3-1.7b, tiny-hybrid, nemotron-nano-12b-v2.")
-    num_layers: Optional[int] = option(None, "Override the preset's number of layers.")
-    hidden_size: Optional[int] = option(None, "Override the preset's hidden size.")
-    ffn_hidden_size: Optional[int] = option(None, "Override the preset's FFN hidden size.")
-    num_attention_heads: Optional[int] = option(None, "Override the preset's attention heads.")
-    num_query_groups: Optional[int] = option(None, "Override the preset's KV groups.")
-    kv_channels: Optional[int] = option(None, "Override the preset's head dimension.")
-    untie_embeddings_and_output_weights: bool = option(False, "Untie input and output embeddings.")
+    """The model: a preset, Megatron-LM's architecture flags, or the --load checkpoint's
+    architecture (resolved by :func:`megatron_rlp.models.architecture.resolve_architecture`).
+
+    Every architecture flag defaults to None ("not given"): given with --model-preset it replaces
+    that field of the preset; without a preset the flags define the model, with Megatron-LM's
+    defaults for the ones left out."""
+
+    model_preset: Optional[str] = option(
+        None, "Named architecture as a shorthand: tiny, qwen3-1.7b, tiny-hybrid, "
+        "nemotron-nano-12b-v2; architecture flags given with it replace its fields."
+    )
+    use_checkpoint_args: bool = option(
+        False, "Take the architecture from the checkpoint in --load (as the converter or a "
+        "training run wrote it); as in Megatron-LM its values override the architecture flags."
+    )
+    num_layers: Optional[int] = option(None, "Number of transformer (or hybrid) layers.")
+    hidden_size: Optional[int] = option(None, "Hidden size.")
+    ffn_hidden_size: Optional[int] = option(
+        None, "MLP hidden size (without a preset: 4 x hidden, or Megatron-LM's 8/3 x hidden "
+        "rounded down to a multiple of 64 with --swiglu).")
+    num_attention_heads: Optional[int] = option(None, "Number of attention heads.")
+    group_query_attention: Optional[bool] = option(
+        None, "Grouped-query attention with --num-query-groups KV groups.")
+    num_query_groups: Optional[int] = option(
+        None, "KV groups under --group-query-attention (needs it, as in Megatron-LM).")
+    kv_channels: Optional[int] = option(
+        None, "Attention head dimension (without a preset: hidden size / heads).")
+    max_position_embeddings: Optional[int] = option(
+        None, "Maximum sequence length the model supports (without a preset: --seq-length).")
+    rotary_base: Optional[float] = option(None, "RoPE base (without a preset: 10000).")
+    norm_epsilon: Optional[float] = option(None, "RMSNorm epsilon (without a preset: 1e-5).")
+    swiglu: Optional[bool] = option(None, "SwiGLU MLP (Qwen3).")
+    squared_relu: Optional[bool] = option(None, "Squared-ReLU MLP (Nemotron-H).")
+    qk_layernorm: Optional[bool] = option(None, "RMSNorm on each head's queries and keys (Qwen3).")
+    untie_embeddings_and_output_weights: Optional[bool] = option(
+        None, "Separate input embedding and output layer weights.")
+    hybrid_override_pattern: Optional[str] = option(
+        None, "Hybrid (Mamba) model layer pattern, one symbol per layer: M = Mamba, * = "
+        "attention, - = MLP (e.g. 'M-M*-'); its length is the number of layers.")
+    mamba_num_heads: Optional[int] = option(
+        None, "Mamba heads (without a preset: 2 x hidden / --mamba-head-dim).")
+    mamba_head_dim: Optional[int] = option(None, "Mamba head dimension (without a preset: 64).")
+    mamba_state_dim: Optional[int] = option(None, "Mamba state dimension (without a preset: 128).")
+    mamba_num_groups: Optional[int] = option(None, "Mamba groups (without a preset: 8).")
+    make_vocab_size_divisible_by: int = option(
+        128, "Without a preset or --model-vocab-size, the model vocabulary is the tokenizer's "
+        "padded to a multiple of this x --tensor-model-parallel-size (Megatron-LM's rule).")
     bf16: bool = option(False, "bf16 parameters and activations, fp32 main params in the optimizer.")
     vocab_size: Optional[int] = option(None, "NullTokenizer: number of token ids before the end-of-document id (Megatron-LM's --vocab-size).")
     model_vocab_size: Optional[int] = option(
-        None, "Override the preset's (padded) model vocabulary; it must hold every tokenizer id."
+        None, "The model's (padded) vocabulary; it must hold every tokenizer id (default: the "
+        "preset's, or the tokenizer's padded as --make-vocab-size-divisible-by says)."
     )
     layout_invariant_init: bool = option(
         False, "Draw each weight from a generator keyed by its global name, so the initial model "
@@ -118,7 +158,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: Optional[str
         flag = _flag(field)
         kind = hints[field.name]
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        if kind is bool:
+        if kind is bool or kind == Optional[bool]:  # Optional: None means "not given"
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                default=default, help=field.metadata["help"])
             continue

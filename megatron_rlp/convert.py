@@ -9,7 +9,9 @@ reads and writes the files.
   ``model.safetensors.index.json``), checks every tensor name and shape against the config, and
   writes a weights-only checkpoint in the project's layout (``latest_checkpointed_iteration.txt``
   + ``iter_0000000/``, see :mod:`megatron_rlp.training.checkpoint`) at the target TP x PP.  The
-  training loop's ``--load`` accepts it and starts at iteration 0.  The source ``config.json`` and
+  training loop's ``--load`` accepts it and starts at iteration 0; the checkpoint records the
+  architecture as flag values (``model_args``), so ``--use-checkpoint-args`` trains a model that
+  is not a preset without repeating its flags.  The source ``config.json`` and
   the tokenizer / generation files are kept under ``hf_metadata/`` so the way back restores them.
 * ``megatron_to_hf`` reads the model weights of any checkpoint in that layout (weights-only, or a
   full training checkpoint: only the ``model`` part is requested), at whatever layout it was
@@ -18,8 +20,8 @@ reads and writes the files.
   (family ``gpt`` -> Qwen3, ``hybrid`` -> Nemotron-H).  Config fields the signature does not
   record (``max_position_embeddings``, token ids, Mamba ``chunk_size`` / time-step fields, ...)
   come from ``hf_metadata/config.json`` or ``--hf-config`` when they describe the same model,
-  else from a named preset with the same signature, else transformers' defaults
-  (``max_position_embeddings`` 4096 unless given).
+  else from the checkpoint's ``model_args`` (``max_position_embeddings``) and a named preset with
+  the same signature, else transformers' defaults (``max_position_embeddings`` 4096 unless given).
 * ``megatron_to_megatron`` re-lays out a checkpoint's weights at another TP x PP.
 
 How the megatron side is written.  megatron-core itself writes and reads the dist checkpoint:
@@ -70,6 +72,7 @@ import torch
 
 from megatron_rlp.models import hf_nemotron_h as hn
 from megatron_rlp.models import hf_qwen3 as hq
+from megatron_rlp.models.architecture import architecture_args, args_from_signature
 from megatron_rlp.models.presets import PRESETS, ModelPreset
 
 __all__ = [
@@ -556,6 +559,7 @@ class _Job:
     source: str
     output: str
     signature: Optional[dict] = None
+    model_args: Optional[dict] = None  # the architecture as flags, for --use-checkpoint-args
     max_shard_size: int = 0
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -631,7 +635,7 @@ def _save_weights(job: _Job, model) -> None:
     if _progress_enabled(job):
         print(f"writing megatron checkpoint (TP={job.tp}, PP={job.pp}) ...", file=sys.stderr,
               flush=True)
-    save_model_checkpoint(job.output, [model], job.signature, iteration=0)
+    save_model_checkpoint(job.output, [model], job.signature, iteration=0, model_args=job.model_args)
 
 
 def _hf_to_megatron_job(job: _Job) -> None:
@@ -925,6 +929,7 @@ def hf_to_megatron(
         source=os.path.abspath(hf_dir),
         output="",
         signature=model_signature(preset),
+        model_args=architecture_args(preset),
         progress=progress,
     )
     del ckpt
@@ -1017,6 +1022,7 @@ def _hf_config_for(
     template: Optional[dict],
     template_is_explicit: bool,
     max_position_embeddings: Optional[int],
+    stored_max_position_embeddings: Optional[int] = None,
 ) -> tuple[ModelPreset, Any]:
     """The preset and the transformers config to write: the template's fields where it matches
     the checkpoint, the architecture from the signature."""
@@ -1042,7 +1048,8 @@ def _hf_config_for(
             config_dict["max_position_embeddings"] = max_position_embeddings
         return preset, _config_from_dict(arch.model_type, config_dict)
     named = _named_preset_for(signature)
-    mpe = max_position_embeddings or (named.max_position_embeddings if named else 4096)
+    mpe = (max_position_embeddings or stored_max_position_embeddings
+           or (named.max_position_embeddings if named else 4096))
     preset = preset_from_signature(signature, named.name if named else "converted", mpe)
     try:
         config = arch.config_from_preset(preset)
@@ -1077,7 +1084,9 @@ def megatron_to_hf(
         template = _read_config_json(os.path.join(metadata_dir, "config.json"))
         if template.get("model_type") != arch.model_type:
             template = None
-    preset, config = _hf_config_for(arch, signature, template, explicit, max_position_embeddings)
+    stored_mpe = common.get("model_args", {}).get("max_position_embeddings")
+    preset, config = _hf_config_for(arch, signature, template, explicit, max_position_embeddings,
+                                    stored_mpe)
     job = _Job(
         kind="megatron_to_hf",
         model_type=arch.model_type,
@@ -1120,8 +1129,11 @@ def megatron_to_megatron(
     ckpt_dir, common = resolve_megatron_checkpoint(megatron_dir)
     signature = common["model_signature"]
     named = _named_preset_for(signature)
-    preset = preset_from_signature(signature, named.name if named else "converted",
-                                   named.max_position_embeddings if named else 4096)
+    model_args = common.get("model_args") or args_from_signature(signature)
+    preset = preset_from_signature(
+        signature, named.name if named else "converted",
+        model_args["max_position_embeddings"] or (named.max_position_embeddings if named else 4096),
+    )
     validate_target_layout(preset, target_tp, target_pp)
     model_type = _FAMILY_TO_MODEL_TYPE.get(preset.family, preset.family)
     job = _Job(
@@ -1134,6 +1146,7 @@ def megatron_to_megatron(
         source=os.path.abspath(ckpt_dir),
         output="",
         signature=dict(signature),
+        model_args=dict(model_args),
         progress=progress,
     )
     start = time.perf_counter()

@@ -71,7 +71,12 @@ def setup_run(run, need_data: bool = True):
 
         validate_rlp_config(run.extra["rlp"])
     tokenizer = build_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model, run.model.vocab_size)
-    preset = loop.resolve_preset(run.model, tokenizer.vocab_size)
+    # With --use-checkpoint-args this reads the --load checkpoint's architecture: a rank-local
+    # file read, before any process group exists.
+    preset = loop.resolve_preset(
+        run.model, tokenizer.vocab_size, tp=run.parallel.tensor_model_parallel_size,
+        seq_length=run.training.seq_length, load=run.checkpoint.load,
+    )
     dataset = open_indexed_dataset(run.data.data_path) if need_data else None
     state = loop.setup(run, preset)
     stream = None

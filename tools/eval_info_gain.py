@@ -9,7 +9,7 @@
 Prints a table (mean and standard error over documents) of the information gain
 log p(x_t | x_<t, c) − log p(x_t | x_<t) — the quantity of RLP_SPEC.md Prop. 3 — and of the
 next-token accuracy with and without a thought; writes the same as JSON.  Model flags
-(--model-preset and overrides) must match the checkpoint.
+(--model-preset and overrides) must match the checkpoint, or pass --use-checkpoint-args.
 """
 
 from __future__ import annotations

@@ -136,12 +136,16 @@ def _commit_save(root: str, iteration: int, final: str, tmp: str) -> None:
     dist.barrier()
 
 
-def save_model_checkpoint(root: str, model_chunks, model_signature: dict, iteration: int = 0) -> str:
-    """A weights-only checkpoint (what the converters write); --load starts training from it."""
+def save_model_checkpoint(root: str, model_chunks, model_signature: dict, iteration: int = 0,
+                          model_args: Optional[dict] = None) -> str:
+    """A weights-only checkpoint (what the converters write); --load starts training from it.
+    ``model_args``: the architecture as flag values, for --use-checkpoint-args."""
     final, tmp = _begin_save(root, iteration)
     state = dict(_model_sharded_state_dict(model_chunks))
     state["iteration"] = iteration
     state["model_signature"] = model_signature
+    if model_args is not None:
+        state["model_args"] = model_args
     state["parallel_layout"] = _layout()
     state["weights_only"] = True
     _write(state, tmp)
@@ -157,8 +161,10 @@ def save_checkpoint(
     scheduler,
     objective,
     model_signature: dict,
+    model_args: Optional[dict] = None,
 ) -> str:
-    """Save everything needed to resume exactly; returns the checkpoint directory."""
+    """Save everything needed to resume exactly; returns the checkpoint directory.
+    ``model_args``: the architecture as flag values, for --use-checkpoint-args."""
     final, tmp = _begin_save(root, iteration)
     model_sd = _model_sharded_state_dict(model_chunks)
     state = dict(model_sd)
@@ -171,6 +177,8 @@ def save_checkpoint(
     state["scheduler"] = scheduler.state_dict()
     state["objective"] = objective.state_dict()
     state["model_signature"] = model_signature
+    if model_args is not None:
+        state["model_args"] = model_args
     state["parallel_layout"] = _layout()
     _write(state, tmp)
     _commit_save(root, iteration, final, tmp)
@@ -187,7 +195,8 @@ def _check_signature(saved: dict, current: dict, where: str) -> None:
         raise CheckpointError(
             f"{where} was saved for a different model than the flags describe ("
             + "; ".join(diffs)
-            + "); pass the same model flags (--model-preset and overrides) as the run that saved it"
+            + "); pass the same model flags (--model-preset and overrides) as the run that saved it, "
+            "or --use-checkpoint-args"
         )
 
 

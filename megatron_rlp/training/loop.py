@@ -39,7 +39,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rlp import config as cfg
 from megatron_rlp.models.init import initialize_layout_invariant
 from megatron_rlp.models.builder import build_model, transformer_config, validate_parallel_layout
-from megatron_rlp.models.presets import ModelPreset, get_preset
+from megatron_rlp.models.architecture import architecture_args, resolve_architecture
+from megatron_rlp.models.presets import ModelPreset
 from megatron_rlp.training import checkpoint as ckpt
 from megatron_rlp.training import parallel
 from megatron_rlp.training.cost_model import training_flops
@@ -61,23 +62,22 @@ class RunConfig:
     extra: dict = field(default_factory=dict)  # objective-specific configs (e.g. "rlp")
 
 
-def resolve_preset(model: cfg.ModelConfig, tokenizer_vocab: Optional[int] = None) -> ModelPreset:
-    preset = get_preset(model.model_preset)
-    overrides = {
-        k: getattr(model, k)
-        for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
-        if getattr(model, k) is not None
-    }
-    if model.model_vocab_size is not None:
-        overrides["vocab_size"] = model.model_vocab_size
-    if model.untie_embeddings_and_output_weights:
-        overrides["tie_embeddings"] = False
-    preset = preset.replace(**overrides)
+def resolve_preset(
+    model: cfg.ModelConfig,
+    tokenizer_vocab: Optional[int] = None,
+    *,
+    tp: int = 1,
+    seq_length: Optional[int] = None,
+    load: Optional[str] = None,
+) -> ModelPreset:
+    """The run's architecture: --model-preset, Megatron-LM's architecture flags, or (with
+    --use-checkpoint-args) the --load checkpoint's; see megatron_rlp.models.architecture."""
+    preset = resolve_architecture(model, tokenizer_vocab, tp=tp, seq_length=seq_length, load=load)
     if tokenizer_vocab is not None and tokenizer_vocab > preset.vocab_size:
         raise ValueError(
-            f"the tokenizer has {tokenizer_vocab} tokens but model preset {preset.name!r} has a "
-            f"vocabulary of {preset.vocab_size}; pass --vocab-size {tokenizer_vocab} (or larger) "
-            "or use a matching tokenizer"
+            f"the tokenizer has {tokenizer_vocab} tokens but model {preset.name!r} has a "
+            f"vocabulary of {preset.vocab_size}; pass --model-vocab-size {tokenizer_vocab} (or "
+            "larger) or use a matching tokenizer"
         )
     return preset
 
@@ -311,7 +311,8 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
             )
             if due:
                 path = ckpt.save_checkpoint(ck.save, state.iteration, state.model, state.optimizer,
-                                            state.scheduler, objective, signature)
+                                            state.scheduler, objective, signature,
+                                            model_args=architecture_args(state.preset))
                 writer.log(f"saved checkpoint {path}")
             if stop:
                 writer.log(f"exiting at iteration {state.iteration} on a termination signal")
