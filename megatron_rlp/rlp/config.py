@@ -52,6 +52,37 @@ def validate_rlp_config(c: RLPConfig) -> None:
             raise ValueError(message)
 
 
+def longest_context(seq_length: int, thought_len: int) -> int:
+    """The longest context x_<t an RLP row of ``seq_length`` input tokens has room for: the row's
+    inputs are x_<t, the open marker, up to ``thought_len`` thought tokens and the close marker
+    (x_t is the last label, as the (seq_length + 1)-th token of a next-token sample is)."""
+    return seq_length - thought_len - 2
+
+
+def validate_rlp_lengths(
+    seq_length: int,
+    max_position_embeddings: int,
+    thought_len: int,
+    min_context: int,
+    thought_flag: str = "--rlp-thought-len",
+    context_flag: str = "--rlp-min-context",
+) -> None:
+    """--seq-length is the budget of every RLP row: it must hold the shortest context, the
+    markers and a whole thought, and the model must take sequences that long."""
+    if seq_length > max_position_embeddings:
+        raise ValueError(
+            f"--seq-length {seq_length} exceeds the model's maximum sequence length "
+            f"(max_position_embeddings = {max_position_embeddings}); lower --seq-length"
+        )
+    if longest_context(seq_length, thought_len) < min_context:
+        raise ValueError(
+            f"--seq-length {seq_length} cannot hold an RLP row: {context_flag} {min_context} context "
+            f"tokens + the open marker + {thought_flag} {thought_len} thought tokens + the close marker "
+            f"= {min_context + thought_len + 2} input tokens (x_t is the last label); raise --seq-length "
+            f"to at least {min_context + thought_len + 2} or lower {thought_flag} / {context_flag}"
+        )
+
+
 def resolve_markers(c: RLPConfig, tokenizer) -> tuple[int, int]:
     """Token ids of the thought markers; each must be a single token of the tokenizer."""
     ids = []
