@@ -230,6 +230,11 @@ class RLPObjective:
 
     def __init__(self, config: RLPConfig, state, tokenizer, stream, thought_source: Optional[ThoughtSource] = None):
         validate_rlp_config(config)
+        # --seq-length is the budget of every row: context + open + thought + close inputs.
+        self.max_sequence_length = state.run.training.seq_length
+        validate_rlp_lengths(self.max_sequence_length, state.preset.max_position_embeddings,
+                             config.rlp_thought_len, config.rlp_min_context)
+        self.max_context = longest_context(self.max_sequence_length, config.rlp_thought_len)
         self.config = config
         self.state = state
         self.stream = stream
@@ -241,11 +246,6 @@ class RLPObjective:
         self.pad_id = tokenizer.eod
         self.micro_batch_size = state.run.training.micro_batch_size
         self.seed = state.run.training.seed
-        # --seq-length is the budget of every row: context + open + thought + close inputs.
-        self.max_sequence_length = state.run.training.seq_length
-        validate_rlp_lengths(self.max_sequence_length, state.preset.max_position_embeddings,
-                             config.rlp_thought_len, config.rlp_min_context)
-        self.max_context = longest_context(self.max_sequence_length, config.rlp_thought_len)
         self.teacher = EMATeacher()
         self.reference: Optional[EMATeacher] = None  # frozen θ_0 for the optional KL term
         self.allowed_positions = _read_positions_file(config.rlp_positions_file)
