@@ -202,3 +202,22 @@ def test_evaluation_scores_long_documents_in_windows():
                 assert result.logp_plain[i] == pytest.approx(np.mean(direct), abs=1e-5)
     finally:
         parallel.destroy()
+
+
+@pytest.mark.parametrize("script", ["qwen3_1.7b", "nemotron_nano_12b_v2"])
+def test_example_launch_scripts_fit_their_seq_length(script):
+    """The slurm examples' RLP rows (the paper's 2048-token thoughts) fit their --seq-length."""
+    import os
+    import shlex
+
+    from megatron_rlp.models.presets import get_preset
+    from megatron_rlp.pretrain import parse_run_config
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", script, "rlp.sbatch")
+    text = open(path).read().replace("\\\n", " ")
+    command = next(line for line in text.splitlines() if "-m megatron_rlp.pretrain" in line)
+    run = parse_run_config(shlex.split(command.split("-m megatron_rlp.pretrain", 1)[1]))
+    rlp = run.extra["rlp"]
+    assert rlp.rlp_thought_len == 2048
+    validate_rlp_lengths(run.training.seq_length, get_preset(run.model.model_preset).max_position_embeddings,
+                         rlp.rlp_thought_len, rlp.rlp_min_context)
