@@ -11,13 +11,21 @@ from megatron_rlp.config import option
 @dataclass
 class RLPConfig:
     rlp_num_thoughts: int = option(16, "G: thoughts sampled per context (group size for the advantage).")
-    rlp_thought_len: int = option(2048, "Length cap of a thought in tokens; a thought reaching it is closed by force.")
+    rlp_thought_len: int = option(
+        2048, "Length cap of a thought in tokens; a thought reaching it is closed by force.  Every RLP row "
+        "(context + open marker + thought + close marker) fits in --seq-length, so contexts are at most "
+        "--seq-length minus this minus 2 tokens."
+    )
     rlp_temperature: float = option(0.7, "Sampling temperature of thoughts (0 = greedy).")
     rlp_positions_per_doc: int = option(1, "k: positions t sampled per document.")
-    rlp_min_context: int = option(1, "Smallest context length t a position may have.")
+    rlp_min_context: int = option(
+        1, "Smallest context length t a position may have; also the overlap of the successive windows "
+        "a document longer than the row budget is read in."
+    )
     rlp_positions_file: Optional[str] = option(
         None, "JSON list (one entry per document of --data-path, in order) of the positions allowed "
-        "for RLP in that document; default: every position >= --rlp-min-context."
+        "for RLP in that document, in document coordinates (each is used in the window that holds it); "
+        "default: every position >= --rlp-min-context."
     )
     rlp_ema_decay: float = option(0.999, "τ of the EMA teacher: φ ← τφ + (1−τ)θ after every step.")
     rlp_clip_low: float = option(0.2, "ε_low of the clipped surrogate (ratio floor 1 − ε_low).")

@@ -221,3 +221,28 @@ def test_example_launch_scripts_fit_their_seq_length(script):
     assert rlp.rlp_thought_len == 2048
     validate_rlp_lengths(run.training.seq_length, get_preset(run.model.model_preset).max_position_embeddings,
                          rlp.rlp_thought_len, rlp.rlp_min_context)
+
+
+def test_resumed_run_draws_the_same_windows_and_positions(corpus):
+    """The RLP checkpoint state (the stream's cursor) taken in the middle of a long document gives
+    the same windows and positions as the uninterrupted run."""
+    from megatron_rlp.training import parallel
+
+    def draws(objective, count):
+        windows, positions = objective._next_contexts(count)
+        return [(w.document, w.offset, p) for w, p in zip(windows, positions)]
+
+    try:
+        _, objective, _ = build_objective(corpus)
+        straight = draws(objective, 3) + draws(objective, 6)
+        parallel.destroy()
+        _, objective, _ = build_objective(corpus)
+        first = draws(objective, 3)
+        saved = objective.state_dict()
+        assert saved["cursor"]["token_offset"] > 0  # stopped inside a long document
+        parallel.destroy()
+        _, objective, _ = build_objective(corpus)
+        objective.load_state_dict(saved)
+        assert first + draws(objective, 6) == straight
+    finally:
+        parallel.destroy()
