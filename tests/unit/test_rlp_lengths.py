@@ -246,3 +246,26 @@ def test_resumed_run_draws_the_same_windows_and_positions(corpus):
         assert first + draws(objective, 6) == straight
     finally:
         parallel.destroy()
+
+
+def test_positions_file_without_usable_positions_is_an_error(corpus, tmp_path):
+    """A positions file with no position a window can hold stops with a DataError (not a hang),
+    and one that lists too few documents is refused up front."""
+    import json
+
+    from megatron_rlp.data.documents import DataError
+    from megatron_rlp.training import parallel
+
+    unusable = tmp_path / "unusable.json"
+    unusable.write_text(json.dumps([[1, 10_000]] * len(LENGTHS)))  # before --rlp-min-context / past the end
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps([[5]] * (len(LENGTHS) - 1)))
+    try:
+        _, objective, _ = build_objective(corpus, positions_file=str(unusable))
+        with pytest.raises(DataError, match="no document has a position t >= --rlp-min-context 3 listed in"):
+            objective._next_contexts(1)
+        parallel.destroy()
+        with pytest.raises(ValueError, match=r"lists 4 documents, fewer than the 5 of --data-path"):
+            build_objective(corpus, positions_file=str(short))
+    finally:
+        parallel.destroy()
