@@ -86,16 +86,16 @@ def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tens
 
 
 def split_into_windows(documents: list[torch.Tensor], positions: list[list[int]], window: int, overlap: int):
-    """(window tokens, positions in window coordinates, document index) for every window of
+    """(window tokens, positions in window coordinates) for every window of
     :func:`megatron_rlp.data.documents.window_starts` that holds one of the positions; a
     document's windows are consecutive and in order."""
     out = []
-    for i, (doc, pos) in enumerate(zip(documents, positions)):
+    for doc, pos in zip(documents, positions):
         by_start: dict[int, list[int]] = {}
         for p in pos:
             by_start.setdefault(window_start_of(int(p), window, overlap), []).append(int(p))
         for start in sorted(by_start):
-            out.append((doc[start : start + window], [p - start for p in by_start[start]], i))
+            out.append((doc[start : start + window], [p - start for p in by_start[start]]))
     return out
 
 
@@ -126,8 +126,8 @@ def evaluate_thinking(
             f"the markers and a thought of {thought_len} tokens"
         )
     windows = split_into_windows(documents, positions, window, overlap=min_context)
-    window_docs = [w for w, _, _ in windows]
-    window_positions = [p for _, p, _ in windows]
+    window_docs = [w for w, _ in windows]
+    window_positions = [p for _, p in windows]
     was_training = model.training
     model.eval()
     return_hidden = getattr(model, "return_hidden", False)
