@@ -9,7 +9,9 @@
 Prints a table (mean and standard error over documents) of the information gain
 log p(x_t | x_<t, c) − log p(x_t | x_<t) — the quantity of RLP_SPEC.md Prop. 3 — and of the
 next-token accuracy with and without a thought; writes the same as JSON.  Model flags
-(--model-preset and overrides) must match the checkpoint, or pass --use-checkpoint-args.
+(--model-preset and overrides) must match the checkpoint, or pass --use-checkpoint-args.  --seq-length
+bounds every scored row (context + markers + thought, as in RLP training): longer documents are
+evaluated in windows.
 """
 
 from __future__ import annotations
@@ -40,9 +42,14 @@ def evaluate_checkpoint(run, num_docs: int, positions_file: Optional[str], num_t
     from megatron_rlp.sampling import sample_thoughts
     from megatron_rlp.training import checkpoint, loop, parallel
 
+    from megatron_rlp.rlp.config import validate_rlp_lengths
+
     run.data.shuffle_documents = False
     state, tokenizer, stream = setup_run(run)
     try:
+        # Rows hold at most --seq-length inputs: long documents are evaluated in windows.
+        validate_rlp_lengths(run.training.seq_length, state.preset.max_position_embeddings, thought_len, min_context,
+                             thought_flag="--thought-len", context_flag="--min-context")
         signature = loop.model_signature(state.preset)
         checkpoint.load_checkpoint(run.checkpoint.load, state.model, None, None, None, signature, finetune=True)
         docs = [torch.from_numpy(d) for d in stream.next_documents(min(num_docs, stream.num_documents))]
@@ -55,8 +62,8 @@ def evaluate_checkpoint(run, num_docs: int, positions_file: Optional[str], num_t
         model = checkpoint.unwrap_model(state.model[0])
         return evaluate_thinking(
             model, docs, positions, sample_thoughts, num_thoughts, thought_len, temperature,
-            open_id, close_id, tokenizer.eod, seed, state.preset.max_position_embeddings,
-            vocab_size=tokenizer.vocab_size,
+            open_id, close_id, tokenizer.eod, seed, run.training.seq_length,
+            vocab_size=tokenizer.vocab_size, min_context=min_context,
         )
     finally:
         parallel.destroy()

@@ -1,11 +1,13 @@
 """A resumable stream of documents over a Megatron ``.bin/.idx`` dataset.
 
-Two views of one corpus:
+Three views of one corpus:
 
 * :meth:`DocumentStream.next_samples` packs documents end to end into fixed-length samples of
   ``seq_length + 1`` tokens (next-token pretraining, Megatron's GPT sample layout);
-* :meth:`DocumentStream.next_documents` returns whole documents (RLP samples positions inside
-  documents).
+* :meth:`DocumentStream.next_windows` reads each document in windows of at most a fixed number of
+  tokens (RLP samples positions inside a window: a long document is used in full over
+  successive windows, a short one is one window);
+* :meth:`DocumentStream.next_documents` returns whole documents.
 
 The order is a seeded permutation of the documents, re-drawn each epoch.  The stream's
 position is a small :class:`Cursor` that goes into every checkpoint, so a resumed run reads
@@ -39,6 +41,38 @@ class Cursor:
     @classmethod
     def from_state_dict(cls, state: dict) -> "Cursor":
         return cls(**{k: int(v) for k, v in state.items()})
+
+
+@dataclass
+class Window:
+    """Tokens ``document[offset : offset + len(tokens)]`` of one document."""
+
+    document: int
+    offset: int
+    tokens: np.ndarray
+
+
+def window_starts(length: int, window: int, overlap: int) -> list[int]:
+    """Starts of the windows of at most ``window`` tokens that cover a ``length``-token document,
+    each starting ``overlap`` tokens before the previous one ends (the last one reaches the end)."""
+    _check_window(window, overlap)
+    starts = [0]
+    while starts[-1] + window < length:
+        starts.append(starts[-1] + window - overlap)
+    return starts
+
+
+def window_start_of(position: int, window: int, overlap: int) -> int:
+    """Start of the window (of :func:`window_starts`) in which ``position`` has at least
+    ``overlap`` tokens before it and is not one of the first ``overlap`` tokens of the window
+    (positions < overlap: the first window).  Each position belongs to exactly one window."""
+    stride = window - overlap
+    return max(0, position - overlap) // stride * stride
+
+
+def _check_window(window: int, overlap: int) -> None:
+    if not 0 <= overlap < window:
+        raise ValueError(f"a window of {window} tokens cannot overlap the previous one by {overlap} tokens")
 
 
 class DataError(ValueError):
@@ -148,6 +182,27 @@ class DocumentStream:
             _, self.cursor = self._walk(self.cursor, seq_length)
             self.cursor.samples_consumed += 1
         return np.stack(rows) if rows else np.zeros((0, seq_length + 1), dtype=np.int64)
+
+    # -- windows ------------------------------------------------------------------------------
+    def next_windows(self, count: int, window: int, overlap: int) -> list[Window]:
+        """The next ``count`` windows of at most ``window`` tokens.
+
+        A document longer than ``window`` is read in successive windows (:func:`window_starts`),
+        each starting ``overlap`` tokens before the previous one ends, so that every token past
+        the first ``overlap`` of a document is a token after the first ``overlap`` of exactly one
+        window; the window that reaches the end of a document moves the stream to the next one.
+        The cursor's token offset is where the next window starts.
+        """
+        _check_window(window, overlap)
+        windows = []
+        for _ in range(count):
+            doc = int(self._epoch_order(self.cursor.epoch)[self.cursor.order_index])
+            offset, length = self.cursor.token_offset, int(self.lengths[doc])
+            windows.append(Window(doc, offset, self._read(doc, offset, min(window, length - offset))))
+            advance = length - offset if offset + window >= length else window - overlap
+            _, self.cursor = self._walk(self.cursor, advance)
+            self.cursor.samples_consumed += 1
+        return windows
 
     # -- whole documents --------------------------------------------------------------------
     def next_documents(self, count: int, max_length: Optional[int] = None) -> list[np.ndarray]:

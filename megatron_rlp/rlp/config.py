@@ -11,13 +11,21 @@ from megatron_rlp.config import option
 @dataclass
 class RLPConfig:
     rlp_num_thoughts: int = option(16, "G: thoughts sampled per context (group size for the advantage).")
-    rlp_thought_len: int = option(2048, "Length cap of a thought in tokens; a thought reaching it is closed by force.")
+    rlp_thought_len: int = option(
+        2048, "Length cap of a thought in tokens; a thought reaching it is closed by force.  Every RLP row "
+        "(context + open marker + thought + close marker) fits in --seq-length, so contexts are at most "
+        "--seq-length minus this minus 2 tokens."
+    )
     rlp_temperature: float = option(0.7, "Sampling temperature of thoughts (0 = greedy).")
     rlp_positions_per_doc: int = option(1, "k: positions t sampled per document.")
-    rlp_min_context: int = option(1, "Smallest context length t a position may have.")
+    rlp_min_context: int = option(
+        1, "Smallest context length t a position may have; also the overlap of the successive windows "
+        "a document longer than the row budget is read in."
+    )
     rlp_positions_file: Optional[str] = option(
         None, "JSON list (one entry per document of --data-path, in order) of the positions allowed "
-        "for RLP in that document; default: every position >= --rlp-min-context."
+        "for RLP in that document, in document coordinates (each is used in the window that holds it); "
+        "default: every position >= --rlp-min-context."
     )
     rlp_ema_decay: float = option(0.999, "τ of the EMA teacher: φ ← τφ + (1−τ)θ after every step.")
     rlp_clip_low: float = option(0.2, "ε_low of the clipped surrogate (ratio floor 1 − ε_low).")
@@ -50,6 +58,37 @@ def validate_rlp_config(c: RLPConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+def longest_context(seq_length: int, thought_len: int) -> int:
+    """The longest context x_<t an RLP row of ``seq_length`` input tokens has room for: the row's
+    inputs are x_<t, the open marker, up to ``thought_len`` thought tokens and the close marker
+    (x_t is the last label, as the (seq_length + 1)-th token of a next-token sample is)."""
+    return seq_length - thought_len - 2
+
+
+def validate_rlp_lengths(
+    seq_length: int,
+    max_position_embeddings: int,
+    thought_len: int,
+    min_context: int,
+    thought_flag: str = "--rlp-thought-len",
+    context_flag: str = "--rlp-min-context",
+) -> None:
+    """--seq-length is the budget of every RLP row: it must hold the shortest context, the
+    markers and a whole thought, and the model must take sequences that long."""
+    if seq_length > max_position_embeddings:
+        raise ValueError(
+            f"--seq-length {seq_length} exceeds the model's maximum sequence length "
+            f"(max_position_embeddings = {max_position_embeddings}); lower --seq-length"
+        )
+    if longest_context(seq_length, thought_len) < min_context:
+        raise ValueError(
+            f"--seq-length {seq_length} cannot hold an RLP row: {context_flag} {min_context} context "
+            f"tokens + the open marker + {thought_flag} {thought_len} thought tokens + the close marker "
+            f"= {min_context + thought_len + 2} input tokens (x_t is the last label); raise --seq-length "
+            f"to at least {min_context + thought_len + 2} or lower {thought_flag} / {context_flag}"
+        )
 
 
 def resolve_markers(c: RLPConfig, tokenizer) -> tuple[int, int]:

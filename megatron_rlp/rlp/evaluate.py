@@ -5,7 +5,10 @@ For each held-out document and position t, G thoughts are sampled from the model
     gain      = log p_θ(x_t | x_<t, c) − log p_θ(x_t | x_<t)     (same model, with vs without)
     acc_think = [argmax p_θ(· | x_<t, c) == x_t],   acc_plain = [argmax p_θ(· | x_<t) == x_t]
 
-averaged over thoughts and positions within a document, then over documents.  Standard errors
+averaged over thoughts and positions within a document, then over documents.  A document longer
+than the budget is read in windows as RLP training reads it (``max_sequence_length`` holds the
+context, the markers and a whole thought; consecutive windows overlap by ``min_context`` tokens),
+and each position is scored in the one window that holds it.  Standard errors
 are over documents (the unit that is resampled), so before/after comparisons can be paired per
 document.  Runs on one model-parallel group (the sampler and the forwards are TP/PP-aware, but the
 scoring here gathers full-vocabulary logits, which is fine for held-out evaluation sizes).
@@ -23,6 +26,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_rlp.data.documents import window_start_of
+from megatron_rlp.rlp.config import longest_context
 from megatron_rlp.rlp.step import build_update_sequences
 
 
@@ -35,6 +40,7 @@ class ThinkingEval:
     thought_len: float
     closed_by_model: float  # share of thoughts whose close marker was sampled
     # [context][thought] sampled token ids without the close marker; contexts in document order
+    # (within a document, window by window, each window's positions in the order given)
     thought_ids: list = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -79,6 +85,20 @@ def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tens
     return out_lp, out_ok
 
 
+def split_into_windows(documents: list[torch.Tensor], positions: list[list[int]], window: int, overlap: int):
+    """(window tokens, positions in window coordinates) for every window of
+    :func:`megatron_rlp.data.documents.window_starts` that holds one of the positions; a
+    document's windows are consecutive and in order."""
+    out = []
+    for doc, pos in zip(documents, positions):
+        by_start: dict[int, list[int]] = {}
+        for p in pos:
+            by_start.setdefault(window_start_of(int(p), window, overlap), []).append(int(p))
+        for start in sorted(by_start):
+            out.append((doc[start : start + window], [p - start for p in by_start[start]]))
+    return out
+
+
 @torch.no_grad()
 def evaluate_thinking(
     model,
@@ -95,31 +115,43 @@ def evaluate_thinking(
     max_sequence_length: int,
     batch_size: int = 256,
     vocab_size: Optional[int] = None,
+    min_context: int = 1,
 ) -> ThinkingEval:
+    """``max_sequence_length``: the input tokens a row may have (context, markers, thought), the
+    run's --seq-length; ``min_context``: the overlap of consecutive windows of a long document."""
+    window = longest_context(max_sequence_length, thought_len) + 1  # context + target
+    if window <= min_context:
+        raise ValueError(
+            f"max_sequence_length {max_sequence_length} has no room for a context of {min_context} tokens, "
+            f"the markers and a thought of {thought_len} tokens"
+        )
+    windows = split_into_windows(documents, positions, window, overlap=min_context)
+    window_docs = [w for w, _ in windows]
+    window_positions = [p for _, p in windows]
     was_training = model.training
     model.eval()
     return_hidden = getattr(model, "return_hidden", False)
     model.return_hidden = False
     try:
         thoughts = sample_thoughts(
-            model, documents, positions, num_thoughts=num_thoughts, max_thought_len=thought_len,
+            model, window_docs, window_positions, num_thoughts=num_thoughts, max_thought_len=thought_len,
             open_id=open_id, close_id=close_id, eod_id=eod_id, temperature=temperature, seed=seed,
             max_sequence_length=max_sequence_length, vocab_size=vocab_size,
         )
         closed, closed_len = thoughts.closed_tokens(eod_id)
-        seqs = build_update_sequences(documents, thoughts.doc_index, thoughts.position, closed, closed_len,
+        seqs = build_update_sequences(window_docs, thoughts.doc_index, thoughts.position, closed, closed_len,
                                       thoughts.forced, open_id, eod_id)
         think_targets = seqs["labels"].gather(1, seqs["target_slot"][:, None])
         lp_think, ok_think = _score(model, seqs["tokens"], seqs["target_slot"][:, None], think_targets, batch_size,
                                     vocab_size)
 
-        # Without a thought: one forward per document, all its positions at once.
-        width = max(len(d) for d in documents) - 1
-        k = max(len(p) for p in positions)
-        tokens = torch.full((len(documents), width), eod_id, dtype=torch.int64)
-        slots = torch.zeros((len(documents), k), dtype=torch.int64)
-        targets = torch.zeros((len(documents), k), dtype=torch.int64)
-        for i, (doc, pos) in enumerate(zip(documents, positions)):
+        # Without a thought: one forward per window, all its positions at once.
+        width = max(len(d) for d in window_docs) - 1
+        k = max(len(p) for p in window_positions)
+        tokens = torch.full((len(window_docs), width), eod_id, dtype=torch.int64)
+        slots = torch.zeros((len(window_docs), k), dtype=torch.int64)
+        targets = torch.zeros((len(window_docs), k), dtype=torch.int64)
+        for i, (doc, pos) in enumerate(zip(window_docs, window_positions)):
             tokens[i, : len(doc) - 1] = doc[:-1]
             p = torch.tensor(pos + [pos[-1]] * (k - len(pos)))
             slots[i], targets[i] = p - 1, doc[p]
@@ -133,17 +165,21 @@ def evaluate_thinking(
     g = num_thoughts
     lp_think = torch.cat(lp_think).view(-1, g)  # [contexts, G]
     ok_think = torch.cat(ok_think).view(-1, g)
-    lp_plain, ok_plain = torch.cat(lp_plain), torch.cat(ok_plain)  # [docs, k]
+    lp_plain, ok_plain = torch.cat(lp_plain), torch.cat(ok_plain)  # [windows, k]
+    # Per context, in the order of the thought rows (a document's windows are consecutive).
+    lp_plain = torch.cat([lp_plain[j, : len(p)] for j, p in enumerate(window_positions)])
+    ok_plain = torch.cat([ok_plain[j, : len(p)] for j, p in enumerate(window_positions)])
     gains, acc_t, acc_p, lpp = [], [], [], []
     ctx = 0
     for i, pos in enumerate(positions):
         n = len(pos)
         lt, ot = lp_think[ctx : ctx + n], ok_think[ctx : ctx + n]
+        lp, op = lp_plain[ctx : ctx + n], ok_plain[ctx : ctx + n]
         ctx += n
-        gains.append(float((lt - lp_plain[i, :n, None]).mean()))
+        gains.append(float((lt - lp[:, None]).mean()))
         acc_t.append(float(ot.mean()))
-        acc_p.append(float(ok_plain[i, :n].mean()))
-        lpp.append(float(lp_plain[i, :n].mean()))
+        acc_p.append(float(op.mean()))
+        lpp.append(float(lp.mean()))
     return ThinkingEval(
         gain=np.array(gains), acc_think=np.array(acc_t), acc_plain=np.array(acc_p), logp_plain=np.array(lpp),
         thought_len=float(closed_len.float().mean()),

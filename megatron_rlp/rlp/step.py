@@ -1,9 +1,10 @@
 """One RLP iteration (RLP_SPEC.md, Algorithm 1), as the training loop's objective hook.
 
 Before the pipeline schedule (:meth:`RLPObjective.microbatches`):
-  1. documents from the stream; k positions t per document (t >= --rlp-min-context, or from
-     --rlp-positions-file);
-  2. the no-think baseline S_ema = log p̄_φ(x_t | x_<t): one EMA-teacher forward per document,
+  1. windows of documents from the stream; k positions t per window with
+     --rlp-min-context <= t <= --seq-length − --rlp-thought-len − 2 (or from --rlp-positions-file),
+     so that every row (x_<t, <think>, c, </think> | x_t) has at most --seq-length input tokens;
+  2. the no-think baseline S_ema = log p̄_φ(x_t | x_<t): one EMA-teacher forward per window,
      teacher-forced, every --rlp-baseline-interval batches (monitoring only, see below);
   3. G thoughts per position from the current policy (θ_old = θ) with the KV-cache sampler;
   4. update sequences (x_<t, <think>, c_i, </think>, x_t); all G branches of a context sit in
@@ -36,8 +37,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_rlp.data.documents import DataError, Window
 from megatron_rlp.kernels import linear_logprob
-from megatron_rlp.rlp.config import RLPConfig, resolve_markers, validate_rlp_config
+from megatron_rlp.rlp.config import (
+    RLPConfig, longest_context, resolve_markers, validate_rlp_config, validate_rlp_lengths,
+)
 from megatron_rlp.rlp.ema import EMATeacher
 from megatron_rlp.rlp.objective import group_advantages, rlp_loss
 from megatron_rlp.training.checkpoint import unwrap_model
@@ -56,10 +60,13 @@ def output_weight(model) -> torch.Tensor:
 # Positions and sequences
 # ---------------------------------------------------------------------------------------------
 def sample_positions(
-    length: int, k: int, min_context: int, rng: np.random.Generator, allowed: Optional[list[int]] = None
+    length: int, k: int, min_context: int, rng: np.random.Generator, allowed: Optional[list[int]] = None,
+    *, max_context: int,
 ) -> list[int]:
-    """k positions t with min_context <= t < length (x_t must exist); sorted."""
-    candidates = [t for t in (allowed if allowed is not None else range(min_context, length)) if min_context <= t < length]
+    """k positions t with min_context <= t <= max_context (the row has room for the thought) and
+    t < length (x_t must exist), from ``allowed`` when given; sorted."""
+    last = min(length - 1, max_context)
+    candidates = [t for t in (allowed if allowed is not None else range(min_context, last + 1)) if min_context <= t <= last]
     if not candidates:
         return []
     replace = len(candidates) < k
@@ -223,6 +230,11 @@ class RLPObjective:
 
     def __init__(self, config: RLPConfig, state, tokenizer, stream, thought_source: Optional[ThoughtSource] = None):
         validate_rlp_config(config)
+        # --seq-length is the budget of every row: context + open + thought + close inputs.
+        self.max_sequence_length = state.run.training.seq_length
+        validate_rlp_lengths(self.max_sequence_length, state.preset.max_position_embeddings,
+                             config.rlp_thought_len, config.rlp_min_context)
+        self.max_context = longest_context(self.max_sequence_length, config.rlp_thought_len)
         self.config = config
         self.state = state
         self.stream = stream
@@ -234,10 +246,14 @@ class RLPObjective:
         self.pad_id = tokenizer.eod
         self.micro_batch_size = state.run.training.micro_batch_size
         self.seed = state.run.training.seed
-        self.max_sequence_length = state.preset.max_position_embeddings
         self.teacher = EMATeacher()
         self.reference: Optional[EMATeacher] = None  # frozen θ_0 for the optional KL term
         self.allowed_positions = _read_positions_file(config.rlp_positions_file)
+        if self.allowed_positions is not None and len(self.allowed_positions) < stream.num_documents:
+            raise ValueError(
+                f"--rlp-positions-file {config.rlp_positions_file!r} lists {len(self.allowed_positions)} "
+                f"documents, fewer than the {stream.num_documents} of --data-path; give one list per document"
+            )
         if thought_source is None:
             from megatron_rlp.sampling import sample_thoughts
 
@@ -254,24 +270,44 @@ class RLPObjective:
     def models(self) -> list:
         return [unwrap_model(c) for c in self.state.model]
 
-    # -- 1. documents and positions -------------------------------------------------------------
-    def _next_contexts(self, count: int):
-        rng = np.random.default_rng([self.seed, self.stream.cursor.epoch, self.stream.cursor.order_index, 7])
-        docs, positions = [], []
-        while len(docs) < count:
-            order = self.stream._epoch_order(self.stream.cursor.epoch)
-            doc_id = int(order[self.stream.cursor.order_index])
-            tokens = torch.from_numpy(self.stream.next_documents(1, self.max_sequence_length)[0])
-            allowed = self.allowed_positions[doc_id] if self.allowed_positions is not None else None
-            pos = sample_positions(len(tokens), self.config.rlp_positions_per_doc, self.config.rlp_min_context, rng, allowed)
+    # -- 1. windows and positions ----------------------------------------------------------------
+    def _next_contexts(self, count: int) -> tuple[list[Window], list[list[int]]]:
+        """The next ``count`` windows that have a position, and k positions in each (window
+        coordinates).  A window holds a context of at most ``max_context`` tokens and its target;
+        consecutive windows of a document overlap by --rlp-min-context tokens, so every position
+        >= --rlp-min-context of a long document is a candidate in exactly one window."""
+        cursor = self.stream.cursor
+        # Keyed by where the stream stands (the offset only mid-document, which keeps the draws
+        # of whole documents as they were), so a resumed run draws the same positions.
+        key = [self.seed, cursor.epoch, cursor.order_index] + ([cursor.token_offset] if cursor.token_offset else [])
+        rng = np.random.default_rng(key + [7])
+        windows, positions = [], []
+        dry_since_epoch = None
+        while len(windows) < count:
+            (window,) = self.stream.next_windows(1, self.max_context + 1, overlap=self.config.rlp_min_context)
+            allowed = None
+            if self.allowed_positions is not None:  # document coordinates -> window coordinates
+                allowed = [p - window.offset for p in self.allowed_positions[window.document]]
+            pos = sample_positions(len(window.tokens), self.config.rlp_positions_per_doc, self.config.rlp_min_context,
+                                   rng, allowed, max_context=self.max_context)
             if pos:
-                docs.append(tokens)
+                windows.append(window)
                 positions.append(pos)
-        return docs, positions
+                dry_since_epoch = None
+            elif dry_since_epoch is None:
+                dry_since_epoch = self.stream.cursor.epoch
+            elif self.stream.cursor.epoch > dry_since_epoch + 1:  # a whole epoch without a position
+                raise DataError(
+                    f"{self.stream.name}: no document has a position t >= --rlp-min-context "
+                    f"{self.config.rlp_min_context}"
+                    + (f" listed in --rlp-positions-file {self.config.rlp_positions_file!r}"
+                       if self.allowed_positions is not None else "")
+                )
+        return windows, positions
 
     # -- 2. the no-think baseline ---------------------------------------------------------------
     def _score_documents(self, docs: list[torch.Tensor], positions: list[list[int]]) -> torch.Tensor:
-        """log p̄_φ(x_t | x_<t) at every position, from one teacher-forced forward per document."""
+        """log p̄_φ(x_t | x_<t) at every position, from one teacher-forced forward per window."""
         width = max(len(d) for d in docs) - 1
         batches = []
         for start in range(0, len(docs), self.micro_batch_size):
@@ -328,7 +364,8 @@ class RLPObjective:
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         shares = [self._next_contexts(n_docs) for _ in range(dp_size)]
-        docs, positions = shares[dp_rank]
+        windows, positions = shares[dp_rank]
+        docs = [torch.from_numpy(w.tokens) for w in windows]
 
         s_ema = None
         if (self.sample_batches % c.rlp_baseline_interval) == 0:

@@ -272,7 +272,7 @@ def sample_thoughts(
     here, its train/eval mode restored after).  ``documents[b]``: 1-D token ids; ``positions[b]``:
     the positions t of that document (context x_<t = document[:t], the thought is inserted before
     x_t; 1 <= t <= len - 1).  ``max_thought_len`` (L) caps the sampled tokens of a thought.
-    ``temperature`` 0 is greedy.  ``max_sequence_length``: x_<t + open + L + close + x_t must fit.
+    ``temperature`` 0 is greedy.  ``max_sequence_length``: x_<t + open + L + close must fit (x_t is a label).
     ``micro_batch_size``: rows (branches) per decode micro-batch; default all rows at PP=1 and
     ``ceil(rows / pp)`` at PP > 1 (the "tree" layout takes ``micro_batch_size // G`` contexts, by
     default ``ceil(contexts / pp)``).

@@ -146,12 +146,13 @@ def validate_request(
                     f"a non-empty context x_<t and a target x_t, so 1 <= t <= {n - 1} for this "
                     f"{n}-token document"
                 )
-            need = t + max_thought_len + 3
+            # The row's inputs: x_<t, open, up to L thought tokens, close (x_t is the last label).
+            need = t + max_thought_len + 2
             if need > max_sequence_length:
                 raise ValueError(
                     f"document {b}, position {t}: a prefix of {t} tokens plus a thought of up to "
-                    f"max_thought_len={max_thought_len} tokens (with the open and close markers "
-                    f"and the target: {need} tokens) is longer than the maximum sequence length "
+                    f"max_thought_len={max_thought_len} tokens (with the open and close markers: "
+                    f"{need} input tokens) is longer than the maximum sequence length "
                     f"{max_sequence_length}"
                 )
             contexts.append((b, t))

@@ -44,10 +44,11 @@ def test_update_does_not_depend_on_the_teacher(corpus):
 
 def test_positions_and_sequences():
     rng = __import__("numpy").random.default_rng(0)
-    assert sample_positions(10, 3, 4, rng) == sorted(sample_positions(10, 3, 4, __import__("numpy").random.default_rng(0)))
-    assert all(4 <= t < 10 for t in sample_positions(10, 3, 4, rng))
-    assert sample_positions(3, 2, 4, rng) == []
-    assert sample_positions(10, 2, 1, rng, allowed=[5]) == [5, 5]
+    assert sample_positions(10, 3, 4, rng, max_context=20) == sorted(
+        sample_positions(10, 3, 4, __import__("numpy").random.default_rng(0), max_context=20))
+    assert all(4 <= t < 10 for t in sample_positions(10, 3, 4, rng, max_context=20))
+    assert sample_positions(3, 2, 4, rng, max_context=20) == []
+    assert sample_positions(10, 2, 1, rng, allowed=[5], max_context=20) == [5, 5]
 
     doc = torch.arange(10, 20)
     closed = torch.tensor([[[7, 8, 99, 0], [99, 0, 0, 0]]])  # thought "7 8" + close; empty thought + close

@@ -363,7 +363,7 @@ def test_bad_inputs_are_rejected(models):
     with pytest.raises(ValueError, match="outside"):
         _sample(model, docs, positions=[[-2], [4], [3]])
     long_doc = [torch.randint(0, 500, (200,))]
-    with pytest.raises(ValueError, match=r"prefix of 150 tokens.*max_thought_len=10.*163 tokens.*128"):
+    with pytest.raises(ValueError, match=r"prefix of 150 tokens.*max_thought_len=10.*162 input tokens.*128"):
         _sample(model, long_doc, positions=[[150]], length=10)
     with pytest.raises(ValueError, match=r"num_thoughts \(G\) must be an integer >= 1, got 0"):
         _sample(model, docs, g=0)
