@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron.core import parallel_state
+
 from megatron_rlp.pretrain import build_objective, parse_run_config, setup_run
 from megatron_rlp.training import checkpoint, loop, parallel
 from megatron_rlp.training.checkpoint import unwrap_model
@@ -63,22 +65,27 @@ def _assert_same_params(a: dict, b: dict, what: str):
     """Checked on every rank at once (a failure on one rank only would leave the others hanging
     in the next test's collectives)."""
     assert set(a) == set(b)
-    names = sorted(a)
-    diffs = torch.tensor([(a[n] - b[n]).abs().max().item() for n in names], dtype=torch.float64)
-    dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
-    worst = int(diffs.argmax())
-    assert diffs[worst] <= TOL, f"{what}: {names[worst]} differs by {diffs[worst]:.3e} (on some rank)"
+    diff, name = max(((a[n] - b[n]).abs().max().item(), n) for n in a)
+    worst = torch.tensor([diff], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # stages hold different parameters: one scalar
+    assert worst.item() <= TOL, f"{what}: {name if diff == worst.item() else 'a parameter on another rank'} differs by {worst.item():.3e}"
 
 
-def _assert_replicas_equal(params: dict, group, what: str):
-    """The parameters are identical on every rank of a (data-parallel) group."""
-    size = dist.get_world_size(group)
-    gathered = [None] * size
-    dist.all_gather_object(gathered, params, group=group)
-    for rank, other in enumerate(gathered):
-        for name in params:
-            diff = (params[name] - other[name]).abs().max().item()
-            assert diff == 0, f"{what}: {name} differs from data-parallel rank {rank} by {diff:.3e}"
+def _assert_replicas_equal(params: dict, stage: int, what: str):
+    """The parameters are identical on every rank that holds the same pipeline stage (checked on
+    all ranks at once, over an all-gather)."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (stage, params))
+    worst, where = 0.0, ""
+    for rank, (other_stage, other) in enumerate(gathered):
+        if other_stage == stage:
+            for name in params:
+                diff = (params[name] - other[name]).abs().max().item()
+                if diff > worst:
+                    worst, where = diff, f"{name} differs from rank {rank}"
+    flag = torch.tensor([worst], dtype=torch.float64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    assert flag.item() == 0, f"{what}: {where or 'another rank differs'} by {flag.item():.3e}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +106,7 @@ def test_overlap_flags_match_the_run_without_them(corpus, shared_dir):
     history, params = _run(tiny_run_args(corpus, iters=4, **OVERLAP))
     _assert_same_history(history, ref_history)
     _assert_same_params(params, ref_params, "--overlap-param-gather")
-    _assert_replicas_equal(params, None, "--overlap-param-gather after training")
+    _assert_replicas_equal(params, 0, "--overlap-param-gather after training")
 
     save = os.path.join(shared_dir, "ckpt_overlap")
     _, at_two = _run(tiny_run_args(corpus, iters=2, save=save, **DIST_OPT))
@@ -119,41 +126,47 @@ def test_overlap_flags_match_the_run_without_them(corpus, shared_dir):
     _assert_same_history(resumed, ref_history[2:])
 
 
-@pytest.mark.world_size(2)
-def test_overlap_param_gather_rlp_ema_and_thoughts_use_the_gathered_weights(corpus, shared_dir):
-    """RLP at DP=2 with the real sampler: under --overlap-param-gather the step leaves each rank's
-    other half of θ stale, so without a forced gather the EMA teacher averages stale weights (the
-    replicas' teachers differ) and the next batch's thoughts come from a stale policy."""
+def _rlp_run(corpus, num_layers=2, pp=1, global_batch=4, **parallel_flags):
+    """A few real RLP iterations (sampled thoughts, EMA teacher); returns (history, this rank's EMA
+    teacher, this rank's θ, its pipeline stage)."""
     from rlp_parity import MarkerTokenizer
 
     from megatron_rlp.data.documents import DocumentStream, open_indexed_dataset
     from megatron_rlp.rlp.config import RLPConfig
     from megatron_rlp.rlp.step import RLPObjective
 
-    def rlp_run(overlap: bool):
-        run = loop.RunConfig()
-        run.model.model_preset, run.model.num_layers, run.model.layout_invariant_init = "tiny", 2, True
-        run.parallel.use_distributed_optimizer = True
-        run.parallel.overlap_grad_reduce = run.parallel.overlap_param_gather = overlap
-        t = run.training
-        t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, 4, 3, 1e-2, 5
-        t.lr_decay_style = "constant"
-        try:
-            state = loop.setup(run, loop.resolve_preset(run.model))
-            stream = DocumentStream(open_indexed_dataset(corpus), state.preset.vocab_size, seed=5)
-            config = RLPConfig(rlp_num_thoughts=2, rlp_thought_len=3, rlp_positions_per_doc=1,
-                               rlp_min_context=2, rlp_ema_decay=0.5, rlp_temperature=1.0)
-            objective = RLPObjective(config, state, MarkerTokenizer(), stream)
-            history = loop.train(state, objective)
-            ema = {n: objective.teacher.shadow(f"0.{n}").clone()
-                   for n, _ in unwrap_model(state.model[0]).named_parameters()}
-            return history, ema, _params(state)
-        finally:
-            parallel.destroy()
+    run = loop.RunConfig()
+    run.model.model_preset, run.model.num_layers, run.model.layout_invariant_init = "tiny", num_layers, True
+    run.parallel.pipeline_model_parallel_size = pp
+    for name, value in parallel_flags.items():
+        setattr(run.parallel, name, value)
+    t = run.training
+    t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, global_batch, 3, 1e-2, 5
+    t.lr_decay_style = "constant"
+    try:
+        state = loop.setup(run, loop.resolve_preset(run.model))
+        stream = DocumentStream(open_indexed_dataset(corpus), state.preset.vocab_size, seed=5)
+        config = RLPConfig(rlp_num_thoughts=2, rlp_thought_len=3, rlp_positions_per_doc=1,
+                           rlp_min_context=2, rlp_ema_decay=0.5, rlp_temperature=1.0)
+        objective = RLPObjective(config, state, MarkerTokenizer(), stream)
+        history = loop.train(state, objective)
+        ema = {n: objective.teacher.shadow(f"0.{n}").clone()
+               for n, _ in unwrap_model(state.model[0]).named_parameters()}
+        return history, ema, _params(state), parallel_state.get_pipeline_model_parallel_rank()
+    finally:
+        parallel.destroy()
 
-    ref_history, ref_ema, ref_params = rlp_run(overlap=False)
-    history, ema, params = rlp_run(overlap=True)
-    _assert_replicas_equal(ema, None, "EMA teacher under --overlap-param-gather")
+
+@pytest.mark.parametrize("pp", [pytest.param(1, marks=pytest.mark.world_size(2)),
+                                pytest.param(2, marks=pytest.mark.world_size(4))])
+def test_overlap_param_gather_rlp_ema_and_thoughts_use_the_gathered_weights(corpus, pp):
+    """RLP at DP=2 (and DP=2 x PP=2) with the real sampler: under --overlap-param-gather the step
+    leaves each rank's other half of θ stale, so without a forced gather the EMA teacher averages
+    stale weights (the replicas' teachers differ) and the next batch's thoughts come from a stale
+    policy."""
+    ref_history, ref_ema, ref_params, _ = _rlp_run(corpus, pp=pp, **DIST_OPT)
+    history, ema, params, stage = _rlp_run(corpus, pp=pp, **OVERLAP)
+    _assert_replicas_equal(ema, stage, "EMA teacher under --overlap-param-gather")
     _assert_same_params(ema, ref_ema, "EMA teacher under --overlap-param-gather")
     _assert_same_history(history, ref_history, keys=("rlp loss", "grad_norm", "rlp/thought_len_mean"))
     _assert_same_params(params, ref_params, "θ under --overlap-param-gather")
@@ -204,6 +217,34 @@ def test_uneven_pipeline_rlp_matches_reference(corpus, first, last):
 
     mega, ref = run_parity(corpus, tp=1, pp=2, num_layers=3, first_stage_layers=first, last_stage_layers=last)
     check_against_reference(mega, ref)
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("split", [{"decoder_first_pipeline_num_layers": 1}, {"decoder_last_pipeline_num_layers": 1}])
+def test_uneven_pipeline_rlp_with_the_sampler_matches_the_even_split(corpus, split):
+    """Real RLP iterations (the pipelined thought sampler, the EMA teacher) with 4 layers on PP=2
+    split 1+3 / 3+1 give the thoughts, losses, teacher and θ of the even 2+2 split."""
+    ref_history, ref_ema, ref_params, ref_stage = _rlp_run(corpus, num_layers=4, pp=2, global_batch=2)
+    history, ema, params, stage = _rlp_run(corpus, num_layers=4, pp=2, global_batch=2, **split)
+    _assert_same_history(history, ref_history, keys=("rlp loss", "grad_norm", "rlp/thought_len_mean",
+                                                     "rlp/reward_mean", "rlp/ema_gap"))
+    # Both splits' stages together hold the same model: compare the gathered global layers.
+    _assert_same_params(_global_layers(ema, 4, split), _global_layers(ref_ema, 4, {}), "EMA teacher")
+    _assert_same_params(_global_layers(params, 4, split), _global_layers(ref_params, 4, {}), "θ")
+
+
+def _global_layers(stage_params: dict, num_layers: int, split: dict) -> dict:
+    """Every stage's parameters, gathered, with decoder layers renumbered globally (the tied
+    output-layer copy of the last stage dropped)."""
+    from megatron_rlp.models.hf_qwen3 import merge_pipeline_stages
+
+    stages = [None] * dist.get_world_size()
+    dist.all_gather_object(stages, stage_params)
+    return merge_pipeline_stages(
+        stages, num_layers, tie_embeddings=True,
+        num_layers_in_first_stage=split.get("decoder_first_pipeline_num_layers"),
+        num_layers_in_last_stage=split.get("decoder_last_pipeline_num_layers"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
