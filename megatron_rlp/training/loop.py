@@ -258,6 +258,35 @@ def _broadcast_from_logging_rank(values: dict) -> dict:
     return box[0]
 
 
+def _with_loss_check(forward_step, iteration: Callable[[], int]):
+    """--check-for-nan-in-loss-and-grad, the loss half (as Megatron-LM's loss functions do): each
+    micro-batch's loss and reported values must be finite, checked before its backward."""
+
+    def checked_forward_step(data_iterator, model):
+        output, loss_func = forward_step(data_iterator, model)
+
+        def checked_loss_func(*args, **kwargs):
+            result = loss_func(*args, **kwargs)
+            loss, report = result[0], result[-1]
+            values = {"loss": loss.detach().float().reshape(-1)}
+            values.update({k: v.detach().float().reshape(-1)[:1] for k, v in report.items()})
+            finite = torch.isfinite(torch.cat(list(values.values())))
+            if not finite.all():  # one host sync per micro-batch, as in Megatron-LM
+                bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
+                names = [k for k in bad if k != "loss"] or bad
+                raise TrainingError(
+                    f"iteration {iteration()}: non-finite {', '.join(names)} on rank "
+                    f"{dist.get_rank()} in the forward pass (--check-for-nan-in-loss-and-grad); "
+                    "stopped before the optimizer step, the last saved checkpoint is intact — "
+                    "lower --lr or check the data"
+                )
+            return result
+
+        return output, checked_loss_func
+
+    return checked_forward_step
+
+
 def _explain_gradient_check(error: RuntimeError, iteration: int) -> Exception:
     """megatron-core's --check-for-nan-in-loss-and-grad failure, restated with our iteration
     (its own message counts iterations of a rerun state machine this loop does not drive)."""
@@ -312,6 +341,9 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
     writer = MetricsWriter(log_cfg.tensorboard_dir, enabled=is_logging_rank())
     preempt = _PreemptionFlag(ck.exit_signal_handler)
     forward_backward = get_forward_backward_func()
+    forward_step = objective.forward_step
+    if t.check_for_nan_in_loss_and_grad:
+        forward_step = _with_loss_check(forward_step, lambda: state.iteration + 1)
     history: list[dict] = []
     world = dist.get_world_size()
     try:
@@ -324,7 +356,7 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
             microbatches = objective.microbatches(state.iteration, num_mb, state.model)
             try:
                 reports = forward_backward(
-                    forward_step_func=objective.forward_step,
+                    forward_step_func=forward_step,
                     data_iterator=iter(microbatches),
                     model=state.model,
                     num_microbatches=num_mb,
