@@ -27,6 +27,23 @@ class ParallelConfig:
     tensor_model_parallel_size: int = option(1, "Tensor model parallel size (TP).")
     pipeline_model_parallel_size: int = option(1, "Pipeline model parallel size (PP).")
     use_distributed_optimizer: bool = option(False, "Shard optimizer state over data-parallel ranks.")
+    overlap_grad_reduce: bool = option(
+        False, "Reduce each gradient bucket over data-parallel ranks as soon as the last "
+        "micro-batch's backward has filled it, overlapping communication with backward compute."
+    )
+    overlap_param_gather: bool = option(
+        False, "Gather the parameters the distributed optimizer updated in shards during the next "
+        "forward (per bucket) instead of right after the step. Requires --use-distributed-optimizer "
+        "and --overlap-grad-reduce."
+    )
+    decoder_first_pipeline_num_layers: Optional[int] = option(
+        None, "Layers on the first pipeline stage (uneven split); the remaining layers are divided "
+        "evenly among the other stages (or the middle ones, with --decoder-last-pipeline-num-layers)."
+    )
+    decoder_last_pipeline_num_layers: Optional[int] = option(
+        None, "Layers on the last pipeline stage (uneven split); the remaining layers are divided "
+        "evenly among the other stages."
+    )
 
 
 @dataclass
@@ -109,6 +126,11 @@ class TrainingConfig:
     adam_eps: float = option(1e-8, "Adam epsilon.")
     clip_grad: float = option(1.0, "Gradient clipping by global norm (0 disables).")
     seed: int = option(1234, "Random seed.")
+    check_for_nan_in_loss_and_grad: bool = option(
+        True, "Check each rank's gradients for NaN/Inf before the data-parallel reduction and stop "
+        "with an error naming the iteration (Megatron-LM's default; --no-check-for-nan-in-loss-and-grad "
+        "turns it off)."
+    )
 
 
 @dataclass

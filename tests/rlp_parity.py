@@ -89,10 +89,15 @@ class GivenThoughtSource:
 
 
 def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noise: float = 0.0,
-               skip_baseline: bool = False):
-    """Returns (megatron results, reference results, local shard of the reference tensors)."""
+               skip_baseline: bool = False, num_layers: int = 2, first_stage_layers=None,
+               last_stage_layers=None):
+    """Returns (megatron results, reference results, local shard of the reference tensors).
+    ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers)."""
     run = RunConfig()
-    run.model.model_preset, run.model.num_layers, run.model.layout_invariant_init = "tiny", 2, True
+    run.model.model_preset, run.model.num_layers, run.model.layout_invariant_init = "tiny", num_layers, True
+    run.parallel.decoder_first_pipeline_num_layers = first_stage_layers
+    run.parallel.decoder_last_pipeline_num_layers = last_stage_layers
+    split = {"num_layers_in_first_stage": first_stage_layers, "num_layers_in_last_stage": last_stage_layers}
     run.model.untie_embeddings_and_output_weights = not tie
     run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size = tp, pp
     t = run.training
@@ -119,7 +124,7 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
             shadow.add_(teacher_noise * torch.randn(shadow.shape, generator=gen))
 
     # Full weights on every rank (gathered through a TP=1-equivalent init: layout-invariant).
-    full = _full_state_dict(model, tp, pp, preset)
+    full = _full_state_dict(model, tp, pp, preset, split)
     captured = {}
     orig_step = state.optimizer.step
 
@@ -161,15 +166,15 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
         "loss": float(out["loss"]),
         "rewards": out["rewards"],
         "advantages": out["advantages"],
-        "grads": _local(megatron_state_dict_from_reference(out["grads"], cfg), tp, pp, preset, tie),
-        "params": _local(megatron_state_dict_from_reference(out["params"], cfg), tp, pp, preset, tie),
-        "ema": _local(megatron_state_dict_from_reference(out["ema_params"], cfg), tp, pp, preset, tie),
+        "grads": _local(megatron_state_dict_from_reference(out["grads"], cfg), tp, pp, preset, tie, split),
+        "params": _local(megatron_state_dict_from_reference(out["params"], cfg), tp, pp, preset, tie, split),
+        "ema": _local(megatron_state_dict_from_reference(out["ema_params"], cfg), tp, pp, preset, tie, split),
     }
     parallel.destroy()
     return mega, reference
 
 
-def _full_state_dict(model, tp, pp, preset):
+def _full_state_dict(model, tp, pp, preset, split=None):
     """The unsharded (TP=1, PP=1) state dict, gathered from every rank's shard."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -184,16 +189,17 @@ def _full_state_dict(model, tp, pp, preset):
     if pp > 1:
         stages = [None] * pp
         dist.all_gather_object(stages, sd, group=ps.get_pipeline_model_parallel_group())
-        sd = merge_pipeline_stages(stages, preset.num_layers, preset.tie_embeddings)
+        sd = merge_pipeline_stages(stages, preset.num_layers, preset.tie_embeddings, **(split or {}))
     return sd
 
 
-def _local(full: dict, tp: int, pp: int, preset, tie: bool) -> dict:
+def _local(full: dict, tp: int, pp: int, preset, tie: bool, split=None) -> dict:
     from megatron.core import parallel_state as ps
 
     sd = full
     if pp > 1:
-        sd = slice_pipeline_stage(sd, ps.get_pipeline_model_parallel_rank(), pp, preset.num_layers, tie)
+        sd = slice_pipeline_stage(sd, ps.get_pipeline_model_parallel_rank(), pp, preset.num_layers, tie,
+                                  **(split or {}))
     if tp > 1:
         sd = shard_megatron_state_dict(sd, ps.get_tensor_model_parallel_rank(), tp, preset.num_query_groups)
     return sd

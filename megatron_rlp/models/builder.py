@@ -28,7 +28,57 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def validate_parallel_layout(preset: ModelPreset, tp: int, pp: int, world_size: int) -> None:
+def pipeline_stage_sizes(
+    num_layers: int, pp: int, first: Optional[int] = None, last: Optional[int] = None
+) -> list[int]:
+    """Decoder layers per pipeline stage, Megatron-LM's split: the first / last stage hold
+    ``first`` / ``last`` layers where given, the remaining layers are divided evenly among the
+    other stages.  Raises ValueError (naming the flags) when that split is impossible."""
+    if pp == 1:
+        if first is not None or last is not None:
+            raise ValueError(
+                "--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1"
+            )
+        return [num_layers]
+    for flag, value in (("first", first), ("last", last)):
+        if value is not None and not 0 < value < num_layers:
+            raise ValueError(
+                f"--decoder-{flag}-pipeline-num-layers {value} must be between 1 and "
+                f"{num_layers - 1} (the model has {num_layers} layers)"
+            )
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    if first is None and last is None and num_layers % pp:
+        raise ValueError(
+            f"--pipeline-model-parallel-size {pp} does not divide the {num_layers} layers; set "
+            "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers for an uneven split"
+        )
+    if middle_stages == 0 and middle_layers != 0:
+        raise ValueError(
+            f"--decoder-first-pipeline-num-layers {first} + --decoder-last-pipeline-num-layers {last} "
+            f"must add up to the {num_layers} layers at --pipeline-model-parallel-size {pp}"
+        )
+    if middle_stages and (middle_layers < middle_stages or middle_layers % middle_stages):
+        raise ValueError(
+            f"the {middle_layers} layers left after the first/last stage do not divide evenly "
+            f"over the other {middle_stages} pipeline stages (with at least one layer each); "
+            "change --decoder-first/last-pipeline-num-layers"
+        )
+    per_middle = middle_layers // middle_stages if middle_stages else 0
+    return [
+        first if r == 0 and first is not None else last if r == pp - 1 and last is not None else per_middle
+        for r in range(pp)
+    ]
+
+
+def validate_parallel_layout(
+    preset: ModelPreset,
+    tp: int,
+    pp: int,
+    world_size: int,
+    first_stage_layers: Optional[int] = None,
+    last_stage_layers: Optional[int] = None,
+) -> None:
     """Reject layouts megatron-core cannot shard, before any model is built."""
     problems = []
     if tp < 1 or pp < 1:
@@ -49,11 +99,10 @@ def validate_parallel_layout(preset: ModelPreset, tp: int, pp: int, world_size: 
                 f"--tensor-model-parallel-size {tp} does not divide the {preset.mamba_num_heads} "
                 f"Mamba heads of preset {preset.name!r}"
             )
-        if preset.family == "gpt" and preset.num_layers % pp:
-            problems.append(
-                f"--pipeline-model-parallel-size {pp} does not divide the {preset.num_layers} "
-                f"layers of preset {preset.name!r}"
-            )
+        try:
+            pipeline_stage_sizes(preset.num_layers, pp, first_stage_layers, last_stage_layers)
+        except ValueError as e:
+            problems.append(f"{e} (preset {preset.name!r})")
         if world_size % (tp * pp):
             problems.append(
                 f"world size {world_size} is not a multiple of tensor x pipeline parallel size "
@@ -69,8 +118,11 @@ def transformer_config(
     pp: int = 1,
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
+    first_stage_layers: Optional[int] = None,
+    last_stage_layers: Optional[int] = None,
 ) -> TransformerConfig:
-    """megatron-core TransformerConfig for a preset."""
+    """megatron-core TransformerConfig for a preset (``first/last_stage_layers``: the uneven
+    pipeline split of --decoder-first/last-pipeline-num-layers)."""
     on_gpu = torch.cuda.is_available()
     bf16 = params_dtype == torch.bfloat16
     activation = F.silu if preset.activation == "swiglu" else _squared_relu
@@ -93,6 +145,8 @@ def transformer_config(
         init_method_std=0.02,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        num_layers_in_first_pipeline_stage=first_stage_layers,
+        num_layers_in_last_pipeline_stage=last_stage_layers,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         bf16=bf16,

@@ -222,7 +222,8 @@ def _validate_pattern(preset: ModelPreset, config: TransformerConfig) -> str:
         # MambaStack would silently drop the remainder layers.
         raise ValueError(
             f"--pipeline-model-parallel-size {pp} does not divide the {config.num_layers} layers "
-            f"of {preset.name!r}; set num_layers_in_first/last_pipeline_stage"
+            f"of {preset.name!r}; set --decoder-first-pipeline-num-layers / "
+            "--decoder-last-pipeline-num-layers for an uneven split"
         )
     return pattern
 

@@ -367,6 +367,7 @@ class RLPObjective:
         windows, positions = shares[dp_rank]
         docs = [torch.from_numpy(w.tokens) for w in windows]
 
+        self.state.sync_parameters()  # θ_old must be the gathered θ (a no-op after the EMA's sync)
         s_ema = None
         if (self.sample_batches % c.rlp_baseline_interval) == 0:
             s_ema = self._score_documents(docs, positions)
@@ -421,6 +422,7 @@ class RLPObjective:
 
     # -- the hook the loop calls after the optimizer step ---------------------------------------
     def after_optimizer_step(self, model_chunks, iteration: int) -> dict:
+        self.state.sync_parameters()  # --overlap-param-gather: the step left θ partly stale
         self.teacher.update(self.models, self.config.rlp_ema_decay)
         gap = self.teacher.gap(
             self.models, group=parallel_state.get_model_parallel_group(),

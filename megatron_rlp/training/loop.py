@@ -98,7 +98,48 @@ class TrainState:
     optimizer: Any
     scheduler: OptimizerParamScheduler
     transformer_config: Any
+    sync_parameters: "ParameterSync"
     iteration: int = 0
+
+
+def validate_overlap(par: cfg.ParallelConfig) -> None:
+    """Megatron-LM's rules for the overlap flags."""
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        raise ValueError(
+            "--overlap-param-gather needs --use-distributed-optimizer (only the distributed "
+            "optimizer gathers parameters after its step)"
+        )
+    if par.overlap_param_gather and not par.overlap_grad_reduce:
+        raise ValueError("--overlap-param-gather needs --overlap-grad-reduce as well")
+
+
+class ParameterSync:
+    """Forces the parameter all-gather that --overlap-param-gather defers.
+
+    With it the distributed optimizer's step updates only each data-parallel rank's shard of the
+    parameters; the other shards stay stale until the next forward's pre-hooks gather them.
+    Anything that reads θ outside that forward (the EMA update, the thought sampler, a checkpoint,
+    the caller after training) calls this first.  A no-op without the flag or when θ is already
+    gathered since the last step, so callers need not coordinate.
+    """
+
+    def __init__(self, model_chunks: list, overlapped: bool):
+        self.model_chunks = model_chunks
+        self.overlapped = overlapped
+        self.stale = False
+
+    def mark_stale(self) -> None:
+        """After optimizer.step()."""
+        self.stale = self.overlapped
+
+    def __call__(self) -> None:
+        if not self.stale:
+            return
+        for chunk in self.model_chunks:
+            # Synchronous all-gather of every bucket; the next forward's hooks then find the
+            # buckets dispatched and gather nothing again.
+            chunk.start_param_sync(force_sync=True)
+        self.stale = False
 
 
 def _validate_batch(run: RunConfig, dp: int) -> None:
@@ -118,8 +159,11 @@ def _validate_batch(run: RunConfig, dp: int) -> None:
 def setup(run: RunConfig, preset: ModelPreset) -> TrainState:
     """Process groups, model, DDP, optimizer and scheduler (no checkpoint loading)."""
     _, world_size = parallel.init_distributed()
-    tp, pp = run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size
-    validate_parallel_layout(preset, tp, pp, world_size)
+    par = run.parallel
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    validate_parallel_layout(preset, tp, pp, world_size, par.decoder_first_pipeline_num_layers,
+                             par.decoder_last_pipeline_num_layers)
+    validate_overlap(par)
     if preset.vocab_size % tp:
         raise ValueError(f"vocabulary size {preset.vocab_size} is not divisible by --tensor-model-parallel-size {tp}")
     dp = world_size // (tp * pp)
@@ -132,7 +176,9 @@ def setup(run: RunConfig, preset: ModelPreset) -> TrainState:
     )
 
     dtype = torch.bfloat16 if run.model.bf16 else torch.float32
-    tconfig = transformer_config(preset, tp=tp, pp=pp, params_dtype=dtype)
+    tconfig = transformer_config(preset, tp=tp, pp=pp, params_dtype=dtype,
+                                 first_stage_layers=par.decoder_first_pipeline_num_layers,
+                                 last_stage_layers=par.decoder_last_pipeline_num_layers)
     model = build_model(preset, tconfig)
     if run.model.layout_invariant_init:
         initialize_layout_invariant(model, run.training.seed, preset.num_layers)
@@ -142,9 +188,10 @@ def setup(run: RunConfig, preset: ModelPreset) -> TrainState:
         model = Float16Module(tconfig, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=run.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+        check_for_nan_in_grad=run.training.check_for_nan_in_loss_and_grad,
     )
     model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
     chunks = [model]
@@ -182,10 +229,13 @@ def setup(run: RunConfig, preset: ModelPreset) -> TrainState:
         lr_wsd_decay_style="linear" if t.lr_decay_style == "WSD" else None,
     )
     tconfig.grad_scale_func = optimizer.scale_loss
+    # The schedule defers the gradient reduction to the last micro-batch; with
+    # --overlap-grad-reduce that micro-batch's backward hooks launch it bucket by bucket.
     tconfig.no_sync_func = model.no_sync
     # Without it, TP replicas of layer norms (e.g. QK-norm) drift apart and DP grads are unreduced.
     tconfig.finalize_model_grads_func = finalize_model_grads
-    return TrainState(run, preset, chunks, optimizer, scheduler, tconfig)
+    return TrainState(run, preset, chunks, optimizer, scheduler, tconfig,
+                      sync_parameters=ParameterSync(chunks, par.overlap_param_gather))
 
 
 def is_logging_rank() -> bool:
@@ -206,6 +256,50 @@ def _broadcast_from_logging_rank(values: dict) -> dict:
     box = [values]
     dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
     return box[0]
+
+
+def _with_loss_check(forward_step, iteration: Callable[[], int]):
+    """--check-for-nan-in-loss-and-grad, the loss half (as Megatron-LM's loss functions do): each
+    micro-batch's loss and reported values must be finite, checked before its backward."""
+
+    def checked_forward_step(data_iterator, model):
+        output, loss_func = forward_step(data_iterator, model)
+
+        def checked_loss_func(*args, **kwargs):
+            result = loss_func(*args, **kwargs)
+            loss, report = result[0], result[-1]
+            values = {"loss": loss.detach().float().reshape(-1)}
+            values.update({k: v.detach().float().reshape(-1)[:1] for k, v in report.items()})
+            finite = torch.isfinite(torch.cat(list(values.values())))
+            if not finite.all():  # one host sync per micro-batch, as in Megatron-LM
+                bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
+                names = [k for k in bad if k != "loss"] or bad
+                raise TrainingError(
+                    f"iteration {iteration()}: non-finite {', '.join(names)} on rank "
+                    f"{dist.get_rank()} in the forward pass (--check-for-nan-in-loss-and-grad); "
+                    "stopped before the optimizer step, the last saved checkpoint is intact — "
+                    "lower --lr or check the data"
+                )
+            return result
+
+        return output, checked_loss_func
+
+    return checked_forward_step
+
+
+def _explain_gradient_check(error: RuntimeError, iteration: int) -> Exception:
+    """megatron-core's --check-for-nan-in-loss-and-grad failure, restated with our iteration
+    (its own message counts iterations of a rerun state machine this loop does not drive)."""
+    text = str(error)
+    if "before data-parallel communication collective" not in text:
+        return error
+    kind = "NaN" if "found NaN" in text else "Inf"
+    return TrainingError(
+        f"iteration {iteration}: rank {dist.get_rank()}'s gradients hold {kind} before the "
+        f"data-parallel reduction (--check-for-nan-in-loss-and-grad; megatron-core: {text}); "
+        "stopped before the optimizer step, the last saved checkpoint is intact — lower --lr or "
+        "check the data"
+    )
 
 
 class _PreemptionFlag:
@@ -247,6 +341,9 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
     writer = MetricsWriter(log_cfg.tensorboard_dir, enabled=is_logging_rank())
     preempt = _PreemptionFlag(ck.exit_signal_handler)
     forward_backward = get_forward_backward_func()
+    forward_step = objective.forward_step
+    if t.check_for_nan_in_loss_and_grad:
+        forward_step = _with_loss_check(forward_step, lambda: state.iteration + 1)
     history: list[dict] = []
     world = dist.get_world_size()
     try:
@@ -257,15 +354,18 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                 chunk.zero_grad_buffer()
             state.optimizer.zero_grad()
             microbatches = objective.microbatches(state.iteration, num_mb, state.model)
-            reports = forward_backward(
-                forward_step_func=objective.forward_step,
-                data_iterator=iter(microbatches),
-                model=state.model,
-                num_microbatches=num_mb,
-                seq_length=microbatches[0]["tokens"].shape[1],
-                micro_batch_size=microbatches[0]["tokens"].shape[0],
-                forward_only=False,
-            )
+            try:
+                reports = forward_backward(
+                    forward_step_func=forward_step,
+                    data_iterator=iter(microbatches),
+                    model=state.model,
+                    num_microbatches=num_mb,
+                    seq_length=microbatches[0]["tokens"].shape[1],
+                    micro_batch_size=microbatches[0]["tokens"].shape[0],
+                    forward_only=False,
+                )
+            except RuntimeError as e:
+                raise _explain_gradient_check(e, state.iteration + 1) from e
             metrics = _reduce_reports(reports) if parallel_state.is_pipeline_last_stage() else {}
             metrics = _broadcast_from_logging_rank(metrics if is_logging_rank() else {})
             bad = [k for k, v in metrics.items() if not math.isfinite(v)]
@@ -281,6 +381,7 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                     f"iteration {state.iteration + 1}: gradient norm is {grad_norm}; the update was "
                     "skipped and the last saved checkpoint is intact — lower --lr or check the data"
                 )
+            state.sync_parameters.mark_stale()
             state.scheduler.step(increment=1)
             state.iteration += 1
             metrics.update(objective.after_optimizer_step(state.model, state.iteration))
@@ -310,6 +411,7 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                 or state.iteration == t.train_iters or stop
             )
             if due:
+                state.sync_parameters()
                 path = ckpt.save_checkpoint(ck.save, state.iteration, state.model, state.optimizer,
                                             state.scheduler, objective, signature,
                                             model_args=architecture_args(state.preset))
@@ -317,6 +419,7 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
             if stop:
                 writer.log(f"exiting at iteration {state.iteration} on a termination signal")
                 break
+        state.sync_parameters()  # the caller gets the gathered θ
     finally:
         preempt.restore()
         writer.close()
