@@ -12,6 +12,7 @@ Sequence parallelism and activation recompute follow Megatron-LM's flags (``--se
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Optional
 
@@ -233,8 +234,8 @@ def sequence_parallel_off(model):
     For forwards under ``torch.no_grad()`` only (decoding, evaluation): the switch changes what
     the layers do in forward and backward, so no autograd graph may be alive across it.
     """
-    config = model.config
-    if not config.sequence_parallel:
+    config = getattr(model, "config", None)
+    if config is None or not config.sequence_parallel:
         yield
         return
     if torch.is_grad_enabled():
@@ -244,11 +245,28 @@ def sequence_parallel_off(model):
     # megatron caches the modules to switch by id(model); ids are reused after a model is freed.
     if transformer_utils._sequence_parallel_attr_cache is not None:
         transformer_utils._sequence_parallel_attr_cache.pop(id(model), None)
+    transformer_utils._init_sequence_parallel_cache(model, None)
+    modules = transformer_utils._sequence_parallel_attr_cache[id(model)]
+    # Restore each module's own value after (megatron's switch back would set every one to True).
+    saved = [(m, attr, getattr(m, attr)) for attr, ms in modules.items() for m in ms]
     transformer_utils.set_model_to_sequence_parallel(model, False)
     try:
         yield
     finally:
-        transformer_utils.set_model_to_sequence_parallel(model, True)
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+        config.sequence_parallel = True
+
+
+def without_sequence_parallel(run):
+    """Decorator: ``run(model, ...)`` under no_grad inside :func:`sequence_parallel_off`."""
+
+    @functools.wraps(run)
+    def wrapper(model, *args, **kwargs):
+        with torch.no_grad(), sequence_parallel_off(model):
+            return run(model, *args, **kwargs)
+
+    return wrapper
 
 
 def _rlp_gpt_model_class():

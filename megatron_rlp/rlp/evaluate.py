@@ -23,6 +23,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_rlp.models.builder import without_sequence_parallel
 from megatron_rlp.rlp.step import build_update_sequences
 
 
@@ -79,7 +80,7 @@ def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tens
     return out_lp, out_ok
 
 
-@torch.no_grad()
+@without_sequence_parallel  # rows of any length; scored as the sampler decodes
 def evaluate_thinking(
     model,
     documents: list[torch.Tensor],
