@@ -24,9 +24,10 @@ What this module changes, and nothing more:
   ``RowParallelLinear``, ``DotProductAttention``, :class:`~megatron_rlp.models.norm.ConfigRMSNorm`
   (``torch.nn.RMSNorm``, sequence-parallel capable) for every pre-norm and the final norm,
   ``MLP`` with the config's activation (squared ReLU for Nemotron-H).  With CUDA and TE it
-  returns megatron's TE spec with the mixer swapped for :class:`HybridMambaMixer`.  The local
-  spec maps its separate norms onto the TE spec's fused ``layer_norm_weight`` names in sharded
-  (distributed) checkpoints, so checkpoints move between the two.
+  returns megatron's TE spec with the mixer swapped for :class:`HybridMambaMixer` and the stack
+  for :class:`HybridMambaStack` (final norm ``TENorm``, as megatron's).  The local spec maps its
+  separate norms onto the TE spec's fused ``layer_norm_weight`` names in sharded (distributed)
+  checkpoints, so checkpoints move between the two.
 
 Inference state (``StaticInferenceContext.key_value_memory_dict``, keyed by global layer number):
 
@@ -43,7 +44,6 @@ Inference state (``StaticInferenceContext.key_value_memory_dict``, keyed by glob
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Optional, Sequence, Union
 
@@ -320,9 +320,22 @@ def hybrid_stack_spec(preset: ModelPreset, use_te: Optional[bool] = None) -> Mod
     if use_te:
         from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
 
-        spec = copy.deepcopy(mamba_stack_spec)
-        spec.submodules.mamba_layer.submodules.mixer.module = HybridMambaMixer
-        return spec
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        # Copies along the changed path only (megatron's spec is shared, and deep-copying it
+        # fails where TE is absent): our mixer, and our stack (full recompute) with the final norm
+        # megatron's MambaStack hard-codes.
+        replace = dataclasses.replace
+        stack = mamba_stack_spec.submodules
+        layer = stack.mamba_layer
+        mixer = replace(layer.submodules.mixer, module=HybridMambaMixer)
+        layer = replace(layer, submodules=replace(layer.submodules, mixer=mixer))
+        return replace(
+            mamba_stack_spec,
+            module=HybridMambaStack,
+            submodules=replace(stack, mamba_layer=layer),
+            params=dict(mamba_stack_spec.params or {}, final_norm=TENorm),
+        )
 
     norm = ConfigRMSNorm
     mamba_layer = ModuleSpec(
