@@ -169,9 +169,9 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
 
     ``output_tensor`` is the model's final hidden states [S, B, H] (the model returns them
     instead of logits in RLP mode, so log-probs come from the fused kernel; [S/TP, B, H] under
-    sequence parallelism, gathered here).  ``vocab_size``: the
-    tokenizer's vocabulary — the policy is the softmax over real ids, the one thoughts are drawn
-    from, so megatron's padded output rows get neither probability nor gradient.
+    sequence parallelism, gathered here).  ``vocab_size``: the tokenizer's vocabulary — the
+    policy is the softmax over real ids, the one thoughts are drawn from, so megatron's padded
+    output rows get neither probability nor gradient.
     """
     g = config.rlp_num_thoughts
     hidden, reduce_grad = _final_hidden(output_tensor, model)  # [B, S, H]

@@ -241,3 +241,44 @@ def test_bad_flag_combinations_are_rejected(corpus):
     with pytest.raises(ValueError, match="--recompute-num-layers 2 must divide the 3 layers of pipeline stage"):
         _run(corpus, "ntp", pp=2, layers=6, recompute_granularity="full", recompute_method="uniform",
              recompute_num_layers=2)
+
+
+# -- decoding and evaluation switch sequence parallelism off and back ---------------------------
+def _sp_attributes(model):
+    names = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+    state = {(name, attr): getattr(m, attr) for name, m in model.named_modules() for attr in names if hasattr(m, attr)}
+    return model.config.sequence_parallel, state
+
+
+@pytest.mark.world_size(2)
+def test_evaluation_runs_without_sequence_parallel_and_restores_it(model_parallel):
+    import numpy as np
+
+    from megatron_rlp.models.builder import build_model, transformer_config
+    from megatron_rlp.models.init import initialize_layout_invariant
+    from megatron_rlp.models.presets import get_preset
+    from megatron_rlp.rlp.evaluate import evaluate_thinking
+    from megatron_rlp.sampling import sample_thoughts
+
+    preset = get_preset("tiny").replace(num_layers=2)
+    model_parallel(2, 1)
+    models = {}
+    for sp in (False, True):
+        models[sp] = build_model(preset, transformer_config(preset, tp=2, sequence_parallel=sp))
+        initialize_layout_invariant(models[sp], 7, preset.num_layers)
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 500, (n,), generator=gen) for n in (19, 24)]
+    positions = [[4, 11], [17]]
+    args = dict(num_thoughts=2, thought_len=3, temperature=0.8, open_id=509, close_id=510, eod_id=511,
+                seed=5, max_sequence_length=64)
+    before = _sp_attributes(models[True])
+    assert before[0] and any(v for v in before[1].values())
+    want = evaluate_thinking(models[False], docs, positions, sample_thoughts, **args)
+    got = evaluate_thinking(models[True], docs, positions, sample_thoughts, **args)
+    assert got.thought_ids == want.thought_ids
+    for key in ("gain", "acc_think", "acc_plain", "logp_plain"):
+        np.testing.assert_allclose(getattr(got, key), getattr(want, key), rtol=0, atol=1e-5)
+    assert _sp_attributes(models[True]) == before
+    with pytest.raises(ValueError, match="outside"):  # an error inside the sampler: restored too
+        sample_thoughts(models[True], docs, [[0], [3]], 2, 3, 509, 510, 511, 0.8, 5, 64)
+    assert _sp_attributes(models[True]) == before
