@@ -75,3 +75,26 @@ def test_hybrid_te_spec_uses_the_stack_with_full_recompute():
 
     assert mamba_stack_spec.module is MambaStack
     assert mamba_stack_spec.submodules.mamba_layer.submodules.mixer.module is not HybridMambaMixer
+
+
+def test_cpu_shim_is_in_force_inside_custom_backward():
+    # megatron's sequence-parallel and recompute backwards allocate on torch.cuda.current_device().
+    import torch
+
+    from megatron_rlp import platform
+
+    if platform.setup_platform().type != "cpu":
+        pytest.skip("the shim is installed only without CUDA")
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * torch.full(grad.shape, 2.0, device=torch.cuda.current_device())
+
+    x = torch.ones(3, requires_grad=True)
+    Double.apply(x).sum().backward()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]
