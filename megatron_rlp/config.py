@@ -26,6 +26,11 @@ def option(default: Any, help: str, flag: Optional[str] = None, choices=None, **
 class ParallelConfig:
     tensor_model_parallel_size: int = option(1, "Tensor model parallel size (TP).")
     pipeline_model_parallel_size: int = option(1, "Pipeline model parallel size (PP).")
+    sequence_parallel: bool = option(
+        False, "Split the activations outside tensor-parallel regions (norms, residuals) along the "
+        "sequence over the TP ranks (Megatron-LM's sequence parallelism). Needs "
+        "--tensor-model-parallel-size > 1; at TP=1 it is switched off with a warning, as in "
+        "Megatron-LM. Thought sampling runs with it off, on the same weights.")
     use_distributed_optimizer: bool = option(False, "Shard optimizer state over data-parallel ranks.")
     overlap_grad_reduce: bool = option(
         False, "Reduce each gradient bucket over data-parallel ranks as soon as the last "
@@ -131,6 +136,16 @@ class TrainingConfig:
         "with an error naming the iteration (Megatron-LM's default; --no-check-for-nan-in-loss-and-grad "
         "turns it off)."
     )
+    recompute_granularity: Optional[str] = option(
+        None, "Activation recompute: 'full' re-runs whole layers in backward (choose them with "
+        "--recompute-method and --recompute-num-layers); 'selective' re-runs the core attention "
+        "of every layer.", choices=["full", "selective"])
+    recompute_method: Optional[str] = option(
+        None, "With --recompute-granularity full: 'uniform' recomputes every layer, in chunks of "
+        "--recompute-num-layers layers; 'block' recomputes the first --recompute-num-layers "
+        "layers of each pipeline stage.", choices=["uniform", "block"])
+    recompute_num_layers: Optional[int] = option(
+        None, "uniform: layers per recomputed chunk; block: recomputed layers per pipeline stage.")
 
 
 @dataclass

@@ -12,7 +12,8 @@ that the *same* megatron-core code path runs on CPU over gloo:
   asserts on them);
 * ``torch.cuda`` RNG / device / sync helpers answer for the CPU;
 * megatron's CUDA RNG tracker is replaced by one that forks the CPU generator;
-* the ``is_cuda`` assertion in megatron's inference p2p helpers is relaxed.
+* the ``is_cuda`` assertion in megatron's inference p2p helpers is relaxed;
+* custom autograd ``Function.backward`` re-enters the device mode (see :func:`_patch_autograd`).
 
 With CUDA present :func:`setup_platform` only picks the device: nothing is patched.
 No other module of the package knows about the shim.
@@ -266,6 +267,25 @@ def _patch_megatron() -> None:
         pass
 
 
+def _patch_autograd() -> None:
+    """Custom autograd ``Function.backward`` runs with the device mode off: ``loss.backward()``
+    itself passes through the mode, and a mode is suspended while its own handler runs.  megatron
+    allocates with ``device=torch.cuda.current_device()`` in such backwards (the sequence-parallel
+    collectives, recompute's replayed forward), so re-enter the mode there."""
+    from torch.autograd.function import BackwardCFunction
+    from torch.overrides import _get_current_function_mode_stack
+
+    run_backward = BackwardCFunction.apply
+
+    def apply(self, *args):
+        if _DEVICE_MODE is None or _DEVICE_MODE in _get_current_function_mode_stack():
+            return run_backward(self, *args)
+        with _DEVICE_MODE:
+            return run_backward(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
 def setup_platform() -> torch.device:
     """Pick the device; without CUDA, install the CPU shim (idempotent). Returns the device."""
     global _SHIM_INSTALLED, _DEVICE_MODE
@@ -275,6 +295,7 @@ def setup_platform() -> torch.device:
         _patch_torch_cuda()
         _patch_tensor_methods()
         _patch_megatron()
+        _patch_autograd()
         _DEVICE_MODE = _CpuDeviceMode()
         _DEVICE_MODE.__enter__()
         _SHIM_INSTALLED = True

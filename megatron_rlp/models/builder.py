@@ -2,11 +2,18 @@
 
 GPT family: a megatron-core ``GPTModel`` in the Qwen3 shape (RMSNorm, SwiGLU, GQA, per-head
 QK RMSNorm, RoPE, no biases, tied or untied embeddings).  The Transformer Engine layer spec is
-used when TE imports, megatron-core's local spec otherwise.
+used when TE imports, megatron-core's local spec otherwise (with
+:class:`~megatron_rlp.models.norm.ConfigRMSNorm` for its norms, so that it runs sequence-parallel).
+
+Sequence parallelism and activation recompute follow Megatron-LM's flags (``--sequence-parallel``,
+``--recompute-granularity/-method/-num-layers``); :func:`transformer_config` validates them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -15,6 +22,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_rlp.models.norm import ConfigRMSNorm
 from megatron_rlp.models.presets import ModelPreset
 
 
@@ -112,6 +120,48 @@ def validate_parallel_layout(
         raise ValueError("invalid parallel layout: " + "; ".join(problems))
 
 
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def validate_recompute(
+    granularity: Optional[str], method: Optional[str], num_layers: Optional[int]
+) -> None:
+    """Megatron-LM's rules for the recompute flags, as errors that name the flags.
+
+    full: every layer's input is kept and the layer is re-run in backward, for the layers chosen
+    by --recompute-method (uniform: chunks of --recompute-num-layers layers; block: the first
+    --recompute-num-layers layers of each pipeline stage).  selective: megatron's default
+    recompute module, the core attention, in every layer; it takes no method or layer count.
+    """
+    if granularity is None:
+        if method is not None or num_layers is not None:
+            raise ValueError(
+                "--recompute-method / --recompute-num-layers need --recompute-granularity full"
+            )
+        return
+    if granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(
+            f"--recompute-granularity must be one of {RECOMPUTE_GRANULARITIES}, got {granularity!r}"
+        )
+    if granularity == "selective":
+        if method is not None or num_layers is not None:
+            raise ValueError(
+                "--recompute-granularity selective recomputes the core attention of every layer "
+                "and takes no --recompute-method or --recompute-num-layers (those are for full)"
+            )
+        return
+    if method not in RECOMPUTE_METHODS:
+        raise ValueError(
+            f"--recompute-granularity full needs --recompute-method uniform or block, got {method!r}"
+        )
+    if num_layers is None or num_layers < 1:
+        raise ValueError(
+            "--recompute-granularity full needs --recompute-num-layers >= 1 (uniform: layers per "
+            f"recomputed chunk; block: recomputed layers per pipeline stage), got {num_layers!r}"
+        )
+
+
 def transformer_config(
     preset: ModelPreset,
     tp: int = 1,
@@ -120,9 +170,24 @@ def transformer_config(
     sequence_parallel: bool = False,
     first_stage_layers: Optional[int] = None,
     last_stage_layers: Optional[int] = None,
+    recompute_granularity: Optional[str] = None,
+    recompute_method: Optional[str] = None,
+    recompute_num_layers: Optional[int] = None,
 ) -> TransformerConfig:
     """megatron-core TransformerConfig for a preset (``first/last_stage_layers``: the uneven
-    pipeline split of --decoder-first/last-pipeline-num-layers)."""
+    pipeline split of --decoder-first/last-pipeline-num-layers).
+
+    ``sequence_parallel`` at ``tp == 1`` is switched off with a warning, as Megatron-LM does (it
+    would change nothing: there is no other rank to split the sequence with).
+    """
+    if sequence_parallel and tp == 1:
+        warnings.warn(
+            "--sequence-parallel has no effect at --tensor-model-parallel-size 1; disabled "
+            "(as Megatron-LM does)",
+            stacklevel=2,
+        )
+        sequence_parallel = False
+    validate_recompute(recompute_granularity, recompute_method, recompute_num_layers)
     on_gpu = torch.cuda.is_available()
     bf16 = params_dtype == torch.bfloat16
     activation = F.silu if preset.activation == "swiglu" else _squared_relu
@@ -148,6 +213,9 @@ def transformer_config(
         num_layers_in_first_pipeline_stage=first_stage_layers,
         num_layers_in_last_pipeline_stage=last_stage_layers,
         sequence_parallel=sequence_parallel,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
         params_dtype=params_dtype,
         bf16=bf16,
         pipeline_dtype=params_dtype,
@@ -169,15 +237,90 @@ def _squared_relu(x: torch.Tensor) -> torch.Tensor:
 
 
 def gpt_layer_spec(preset: ModelPreset):
+    """One decoder layer: TE's spec when TE imports; else megatron-core's local spec with every
+    norm a :class:`ConfigRMSNorm` (megatron's ``WrappedTorchNorm`` refuses sequence parallelism)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=preset.qk_layernorm
         )
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=preset.qk_layernorm, normalization="RMSNorm"
     )
+    spec.submodules.input_layernorm = ConfigRMSNorm
+    spec.submodules.pre_mlp_layernorm = ConfigRMSNorm
+    if preset.qk_layernorm:
+        spec.submodules.self_attention.submodules.q_layernorm = ConfigRMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = ConfigRMSNorm
+    return spec
+
+
+def gpt_block_spec(preset: ModelPreset, config: TransformerConfig):
+    """The decoder of this pipeline stage: the layer spec (TE: megatron builds the block and its
+    TE final norm), or with the local spec the stage's layers and a :class:`ConfigRMSNorm` final
+    norm (megatron's default there is ``WrappedTorchNorm``).  parallel_state must be initialised."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = gpt_layer_spec(preset)
+    num_layers = get_num_layers_to_build(config)
+    k = config.recompute_num_layers
+    if config.recompute_method == "uniform" and num_layers % k:
+        # TransformerBlock's uniform recompute runs whole chunks of k layers (an IndexError past
+        # the stage's last layer otherwise).
+        raise ValueError(
+            f"--recompute-num-layers {k} must divide the {num_layers} layers of pipeline stage "
+            f"{parallel_state.get_pipeline_model_parallel_rank()} with --recompute-method uniform"
+        )
+    if transformer_engine_available():
+        return layer
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=ConfigRMSNorm)
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(model):
+    """Run a sequence-parallel ``model`` (one bare pipeline stage) without sequence parallelism,
+    on the same weights, and switch it back after, also on errors (no-op when it is off).
+
+    For forwards under ``torch.no_grad()`` only (decoding, evaluation): the switch changes what
+    the layers do in forward and backward, so no autograd graph may be alive across it.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not config.sequence_parallel:
+        yield
+        return
+    if torch.is_grad_enabled():
+        raise RuntimeError("sequence_parallel_off is for forwards under torch.no_grad() only")
+    from megatron.core.transformer import utils as transformer_utils
+
+    # megatron caches the modules to switch by id(model); ids are reused after a model is freed.
+    if transformer_utils._sequence_parallel_attr_cache is not None:
+        transformer_utils._sequence_parallel_attr_cache.pop(id(model), None)
+    transformer_utils._init_sequence_parallel_cache(model, None)
+    modules = transformer_utils._sequence_parallel_attr_cache[id(model)]
+    # Restore each module's own value after (megatron's switch back would set every one to True).
+    saved = [(m, attr, getattr(m, attr)) for attr, ms in modules.items() for m in ms]
+    transformer_utils.set_model_to_sequence_parallel(model, False)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+        config.sequence_parallel = True
+
+
+def without_sequence_parallel(run):
+    """Decorator: ``run(model, ...)`` under no_grad inside :func:`sequence_parallel_off`."""
+
+    @functools.wraps(run)
+    def wrapper(model, *args, **kwargs):
+        with torch.no_grad(), sequence_parallel_off(model):
+            return run(model, *args, **kwargs)
+
+    return wrapper
 
 
 def _rlp_gpt_model_class():
@@ -216,7 +359,7 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(preset),
+        transformer_layer_spec=gpt_block_spec(preset, config),
         vocab_size=preset.vocab_size,
         max_sequence_length=preset.max_position_embeddings,
         pre_process=pre_process,

@@ -21,11 +21,13 @@ What this module changes, and nothing more:
   contexts used in turn, keep their states.  (Stock ``MambaMixer`` remembers one
   ``cached_batch_size`` per module and silently re-allocates zero states when it differs.)
 * :func:`hybrid_stack_spec` — the TE-free spec: megatron's local ``ColumnParallelLinear`` /
-  ``RowParallelLinear``, ``DotProductAttention``, ``torch.nn.RMSNorm`` for every pre-norm and the
-  final norm, ``MLP`` with the config's activation (squared ReLU for Nemotron-H).  With CUDA and TE
-  it returns megatron's TE spec with the mixer swapped for :class:`HybridMambaMixer`.  The local
-  spec maps its separate norms onto the TE spec's fused ``layer_norm_weight`` names in sharded
-  (distributed) checkpoints, so checkpoints move between the two.
+  ``RowParallelLinear``, ``DotProductAttention``, :class:`~megatron_rlp.models.norm.ConfigRMSNorm`
+  (``torch.nn.RMSNorm``, sequence-parallel capable) for every pre-norm and the final norm,
+  ``MLP`` with the config's activation (squared ReLU for Nemotron-H).  With CUDA and TE it
+  returns megatron's TE spec with the mixer swapped for :class:`HybridMambaMixer` and the stack
+  for :class:`HybridMambaStack` (final norm ``TENorm``, as megatron's).  The local spec maps its
+  separate norms onto the TE spec's fused ``layer_norm_weight`` names in sharded (distributed)
+  checkpoints, so checkpoints move between the two.
 
 Inference state (``StaticInferenceContext.key_value_memory_dict``, keyed by global layer number):
 
@@ -42,13 +44,12 @@ Inference state (``StaticInferenceContext.key_value_memory_dict``, keyed by glob
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Optional, Sequence, Union
 
 import torch
 
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.mamba.mamba_model import MambaModel
@@ -65,15 +66,16 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
 )
+from megatron.core.utils import WrappedTensor, make_viewless_tensor
 
 from megatron_rlp.models import mamba_torch
+from megatron_rlp.models.norm import ConfigRMSNorm
 from megatron_rlp.models.presets import ModelPreset
 
 __all__ = [
@@ -93,18 +95,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
-
-
-class ConfigRMSNorm:
-    """``torch.nn.RMSNorm`` from the config, with the config's epsilon unless one is passed.
-
-    (``MambaLayer`` builds its norm without an ``eps``; ``WrappedTorchNorm`` would then use 1e-5.)
-    """
-
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: Optional[float] = None, **_):
-        return WrappedTorchNorm(
-            config, hidden_size, eps=config.layernorm_epsilon if eps is None else eps
-        )
 
 
 class ShardedGatedRMSNorm(mamba_torch.GatedRMSNorm):
@@ -148,7 +138,12 @@ class HybridMambaMixer(MambaMixer):
 
 class HybridMambaStack(MambaStack):
     """``MambaStack`` with the final norm built from ``final_norm`` (a module spec or class called
-    as ``final_norm(config=, hidden_size=, eps=)``) instead of the hard-coded ``TENorm``."""
+    as ``final_norm(config=, hidden_size=, eps=)``) instead of the hard-coded ``TENorm``, and with
+    full activation recompute (``recompute_granularity='full'``), which megatron-core 0.16.1's
+    ``MambaStack`` silently ignores.  Same semantics as ``TransformerBlock``: "uniform" checkpoints
+    chunks of ``recompute_num_layers`` layers, "block" the first ``recompute_num_layers`` layers of
+    the stage.  (Selective recompute acts in the attention layers, as megatron's ``Attention``
+    implements it.)"""
 
     def __init__(
         self,
@@ -168,6 +163,70 @@ class HybridMambaStack(MambaStack):
                 hidden_size=self.config.hidden_size,
                 eps=self.config.layernorm_epsilon,
             )
+
+    def forward(self, hidden_states, attention_mask, inference_context=None, rotary_pos_emb=None,
+                *, inference_params=None, packed_seq_params=None, padding_mask=None):
+        recompute = (
+            self.config.recompute_granularity == "full"
+            and self.training
+            and inference_context is None
+            and inference_params is None
+        )
+        if not recompute:
+            return super().forward(
+                hidden_states, attention_mask, inference_context, rotary_pos_emb,
+                inference_params=inference_params, packed_seq_params=packed_seq_params,
+                padding_mask=padding_mask,
+            )
+        if not self.pre_process:
+            hidden_states = self.input_tensor
+        if isinstance(hidden_states, WrappedTensor):
+            hidden_states = hidden_states.unwrap()
+
+        def run_layers(start: int, end: int):
+            def forward(hidden_states, attention_mask, rotary_pos_emb):
+                for layer in self.layers[start:end]:
+                    if isinstance(layer, TransformerLayer):
+                        hidden_states = layer(
+                            hidden_states=hidden_states, attention_mask=attention_mask,
+                            rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params,
+                            padding_mask=padding_mask,
+                        )
+                    else:
+                        hidden_states = layer(
+                            hidden_states=hidden_states, attention_mask=attention_mask,
+                            packed_seq_params=packed_seq_params,
+                        )
+                    if isinstance(hidden_states, tuple):  # attention / MLP layers: (hidden, context)
+                        hidden_states = hidden_states[0]
+                return hidden_states
+
+            return forward
+
+        def checkpointed(start: int, end: int, hidden_states):
+            return tensor_parallel.checkpoint(
+                run_layers(start, end), self.config.distribute_saved_activations,
+                hidden_states, attention_mask, rotary_pos_emb,
+            )
+
+        n, k = len(self.layers), self.config.recompute_num_layers
+        if self.config.recompute_method == "uniform":
+            for start in range(0, n, k):
+                hidden_states = checkpointed(start, min(start + k, n), hidden_states)
+        elif self.config.recompute_method == "block":
+            for i in range(n):
+                if i < k:
+                    hidden_states = checkpointed(i, i + 1, hidden_states)
+                else:
+                    hidden_states = run_layers(i, i + 1)(hidden_states, attention_mask, rotary_pos_emb)
+        else:
+            raise ValueError(f"invalid recompute_method {self.config.recompute_method!r}")
+
+        if self.post_process and self.post_layer_norm:
+            hidden_states = self.final_norm(hidden_states)
+        return make_viewless_tensor(
+            inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,9 +321,22 @@ def hybrid_stack_spec(preset: ModelPreset, use_te: Optional[bool] = None) -> Mod
     if use_te:
         from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
 
-        spec = copy.deepcopy(mamba_stack_spec)
-        spec.submodules.mamba_layer.submodules.mixer.module = HybridMambaMixer
-        return spec
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        # Copies along the changed path only (megatron's spec is shared, and deep-copying it
+        # fails where TE is absent): our mixer, and our stack (full recompute) with the final norm
+        # megatron's MambaStack hard-codes.
+        replace = dataclasses.replace
+        stack = mamba_stack_spec.submodules
+        layer = stack.mamba_layer
+        mixer = replace(layer.submodules.mixer, module=HybridMambaMixer)
+        layer = replace(layer, submodules=replace(layer.submodules, mixer=mixer))
+        return replace(
+            mamba_stack_spec,
+            module=HybridMambaStack,
+            submodules=replace(stack, mamba_layer=layer),
+            params=dict(mamba_stack_spec.params or {}, final_norm=TENorm),
+        )
 
     norm = ConfigRMSNorm
     mamba_layer = ModuleSpec(

@@ -28,6 +28,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from megatron_rlp.data.documents import window_start_of
 from megatron_rlp.rlp.config import longest_context
+from megatron_rlp.models.builder import without_sequence_parallel
 from megatron_rlp.rlp.step import build_update_sequences
 
 
@@ -100,6 +101,7 @@ def split_into_windows(documents: list[torch.Tensor], positions: list[list[int]]
 
 
 @torch.no_grad()
+@without_sequence_parallel  # rows of any length; scored as the sampler decodes
 def evaluate_thinking(
     model,
     documents: list[torch.Tensor],

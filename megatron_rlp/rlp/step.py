@@ -138,6 +138,35 @@ def _take(labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return torch.gather(labels, 1, slots.clamp(min=0))
 
 
+def _final_hidden(output_tensor: torch.Tensor, model) -> tuple[torch.Tensor, bool]:
+    """The last stage's final hidden states as [B, S, H] over the whole sequence, and whether the
+    log-prob kernel must all-reduce its hidden gradient over TP.
+
+    Under sequence parallelism each TP rank holds [S/TP, B, H]: gather the sequence (as megatron's
+    output layer does).  The gather's backward is a reduce-scatter, which already sums the
+    kernel's partial hidden gradients (one per vocabulary shard) over TP — so the kernel must not
+    all-reduce them as well, or they would count TP times.
+    """
+    if model.config.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        full = gather_from_sequence_parallel_region(output_tensor, tensor_parallel_output_grad=True)
+        return full.transpose(0, 1), False
+    return output_tensor.transpose(0, 1), True
+
+
+def _sequence_multiple(model) -> int:
+    """Update and scoring rows are padded to a multiple of this: the TP size under sequence
+    parallelism (each rank takes an equal slice of the sequence), else 1."""
+    if model.config.sequence_parallel:
+        return parallel_state.get_tensor_model_parallel_world_size()
+    return 1
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 # ---------------------------------------------------------------------------------------------
 # The loss on the last pipeline stage
 # ---------------------------------------------------------------------------------------------
@@ -146,12 +175,13 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
     """Rewards, advantages and the clipped surrogate of one micro-batch (G branches per context).
 
     ``output_tensor`` is the model's final hidden states [S, B, H] (the model returns them
-    instead of logits in RLP mode, so log-probs come from the fused kernel).  ``vocab_size``: the
-    tokenizer's vocabulary — the policy is the softmax over real ids, the one thoughts are drawn
-    from, so megatron's padded output rows get neither probability nor gradient.
+    instead of logits in RLP mode, so log-probs come from the fused kernel; [S/TP, B, H] under
+    sequence parallelism, gathered here).  ``vocab_size``: the tokenizer's vocabulary — the
+    policy is the softmax over real ids, the one thoughts are drawn from, so megatron's padded
+    output rows get neither probability nor gradient.
     """
     g = config.rlp_num_thoughts
-    hidden = output_tensor.transpose(0, 1)  # [B, S, H]
+    hidden, reduce_grad = _final_hidden(output_tensor, model)  # [B, S, H]
     weight = output_weight(model)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     b = hidden.shape[0]
@@ -161,7 +191,8 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
     valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool)], dim=1)
     targets = torch.where(valid, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
     rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
-    logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True, vocab_size=vocab_size)
+    logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True,
+                                   vocab_size=vocab_size, reduce_hidden_grad=reduce_grad)
     logp = logp.view(b, -1)
     entropy = entropy.view(b, -1)
     logp_thought, s_pred = logp[:, :-1], logp[:, -1].detach()
@@ -180,7 +211,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
         ctx_mask = ctx_slots < batch["context_len"][:, None]
         ctx_targets = torch.where(ctx_mask, batch["labels"], torch.full_like(batch["labels"], IGNORE))
         ctx_logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight, ctx_targets.reshape(-1), tp_group,
-                                  vocab_size=vocab_size)
+                                  vocab_size=vocab_size, reduce_hidden_grad=reduce_grad)
         ntp_kwargs = dict(ntp_weight=config.rlp_ntp_weight, ntp_logp=ctx_logp.view(b, -1), ntp_mask=ctx_mask)
     if config.rlp_kl_beta > 0:
         ntp_kwargs.update(kl_weight=config.rlp_kl_beta, logp_ref=batch["logp_ref"])
@@ -308,7 +339,7 @@ class RLPObjective:
     # -- 2. the no-think baseline ---------------------------------------------------------------
     def _score_documents(self, docs: list[torch.Tensor], positions: list[list[int]]) -> torch.Tensor:
         """log p̄_φ(x_t | x_<t) at every position, from one teacher-forced forward per window."""
-        width = max(len(d) for d in docs) - 1
+        width = _round_up(max(len(d) for d in docs) - 1, _sequence_multiple(self.models[0]))
         batches = []
         for start in range(0, len(docs), self.micro_batch_size):
             chunk = list(range(start, min(start + self.micro_batch_size, len(docs))))
@@ -382,6 +413,7 @@ class RLPObjective:
         closed, closed_len = thoughts.closed_tokens(self.pad_id)
         # x_<t, open, thought + close, x_t, minus the last token (inputs only).
         width = int((thoughts.position + closed_len.max(dim=1).values).max()) + 1
+        width = _round_up(width, _sequence_multiple(self.models[0]))
         per_mb = self.micro_batch_size * c.rlp_positions_per_doc  # contexts per micro-batch
         microbatches = []
         self._last_tokens = 0
@@ -455,7 +487,7 @@ class RLPObjective:
 
 
 def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
-    hidden = output_tensor.transpose(0, 1)
+    hidden, _ = _final_hidden(output_tensor, model)
     rows = _gather_rows(hidden, batch["slots"]).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), batch["targets"].reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
@@ -463,7 +495,7 @@ def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_siz
 
 
 def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
-    hidden = output_tensor.transpose(0, 1)
+    hidden, _ = _final_hidden(output_tensor, model)
     slots = batch["thought_slot"]
     targets = torch.where(slots >= 0, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
     rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])

@@ -54,8 +54,10 @@ megatron-core pieces used, and where this differs (0.16.1):
 * ``materialize_only_last_token_logits`` is irrelevant here: the last stage returns final hidden
   states (see ``pipeline.final_hidden_states``) and the sampler applies the vocab-parallel output
   layer to the last token itself.
-* Sequence parallelism is not supported for sampling (a one-token step cannot be split over the
-  sequence); models built with it are rejected.
+* Sequence parallelism: a one-token decode step cannot be split over the sequence, so
+  :func:`sample_thoughts` decodes with it switched off on the same weights
+  (``megatron_rlp.models.builder.sequence_parallel_off``) and switches it back on return, also on
+  errors.  The trainer's update then runs sequence-parallel as configured.
 
 Determinism: greedy thoughts are the same at every TP/PP layout for the same weights (up to
 logit ties within float rounding); at any temperature all TP ranks hold identical tokens (the
@@ -74,6 +76,7 @@ import torch.distributed as dist
 
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megatron_rlp.models.builder import without_sequence_parallel
 from megatron_rlp.models.hybrid import fork_inference_state, inference_state_layout
 from megatron_rlp.sampling.pipeline import StageInfo, run_pipelined
 from megatron_rlp.sampling.thoughts import (
@@ -116,8 +119,9 @@ def _check_model(model) -> None:
         raise ValueError("sample_thoughts needs the bare megatron model of this stage (unwrap DDP)")
     if config.sequence_parallel:
         raise ValueError(
-            "thought sampling does not support sequence parallelism (a one-token decode step "
-            "cannot be split along the sequence); sample with a model built without it"
+            "decoding cannot run sequence-parallel (a one-token step cannot be split along the "
+            "sequence); run it inside megatron_rlp.models.builder.sequence_parallel_off(model), as "
+            "sample_thoughts does"
         )
 
 
@@ -250,6 +254,7 @@ def summary_stats(batch: ThoughtBatch) -> dict:
     }
 
 
+@without_sequence_parallel
 def sample_thoughts(
     model,
     documents: Sequence[torch.Tensor],
@@ -269,10 +274,11 @@ def sample_thoughts(
     """Sample ``num_thoughts`` (G) thoughts at every position of every document.
 
     ``model``: the bare megatron GPTModel / MambaModel of this pipeline stage (put in eval mode
-    here, its train/eval mode restored after).  ``documents[b]``: 1-D token ids; ``positions[b]``:
-    the positions t of that document (context x_<t = document[:t], the thought is inserted before
-    x_t; 1 <= t <= len - 1).  ``max_thought_len`` (L) caps the sampled tokens of a thought.
-    ``temperature`` 0 is greedy.  ``max_sequence_length``: x_<t + open + L + close must fit (x_t is a label).
+    here, its train/eval mode restored after; decoded with sequence parallelism switched off).
+    ``documents[b]``: 1-D token ids; ``positions[b]``: the positions t of that document (context
+    x_<t = document[:t], the thought is inserted before x_t; 1 <= t <= len - 1).
+    ``max_thought_len`` (L) caps the sampled tokens of a thought.  ``temperature`` 0 is greedy.
+    ``max_sequence_length``: x_<t + open + L + close must fit (x_t is a label).
     ``micro_batch_size``: rows (branches) per decode micro-batch; default all rows at PP=1 and
     ``ceil(rows / pp)`` at PP > 1 (the "tree" layout takes ``micro_batch_size // G`` contexts, by
     default ``ceil(contexts / pp)``).

@@ -176,9 +176,19 @@ def setup(run: RunConfig, preset: ModelPreset) -> TrainState:
     )
 
     dtype = torch.bfloat16 if run.model.bf16 else torch.float32
-    tconfig = transformer_config(preset, tp=tp, pp=pp, params_dtype=dtype,
-                                 first_stage_layers=par.decoder_first_pipeline_num_layers,
-                                 last_stage_layers=par.decoder_last_pipeline_num_layers)
+    t = run.training
+    tconfig = transformer_config(
+        preset, tp=tp, pp=pp, params_dtype=dtype, sequence_parallel=run.parallel.sequence_parallel,
+        first_stage_layers=par.decoder_first_pipeline_num_layers,
+        last_stage_layers=par.decoder_last_pipeline_num_layers,
+        recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers,
+    )
+    if tconfig.sequence_parallel and t.seq_length % tp:
+        raise ValueError(
+            f"--sequence-parallel splits each sequence over the {tp} tensor-parallel ranks: "
+            f"--seq-length {t.seq_length} must be a multiple of --tensor-model-parallel-size {tp}"
+        )
     model = build_model(preset, tconfig)
     if run.model.layout_invariant_init:
         initialize_layout_invariant(model, run.training.seed, preset.num_layers)

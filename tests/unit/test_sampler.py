@@ -381,10 +381,10 @@ def test_bad_inputs_are_rejected(models):
         _sample(model, docs, layout="ragged")
     with pytest.raises(ValueError, match="micro_batch_size"):
         _sample(model, docs, micro_batch_size=0)
-    model.config.sequence_parallel = True
+    model.config.sequence_parallel = True  # sample_thoughts switches it off (tests/distributed)
     try:
-        with pytest.raises(ValueError, match="sequence parallelism"):
-            _sample(model, docs)
+        with pytest.raises(ValueError, match="cannot run sequence-parallel.*sequence_parallel_off"):
+            sample_thoughts_naive(model, docs, POSITIONS, 3, 5, OPEN, CLOSE, EOD, 0.8, 11, MAX_LEN)
     finally:
         model.config.sequence_parallel = False
     ok = _sample(model, docs, positions=[[29], [20], [1]], length=4)  # the extreme positions
