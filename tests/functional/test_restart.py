@@ -130,3 +130,33 @@ def test_signal_save_resume_is_exact_and_a_finished_run_does_nothing(base, tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished" in again.stdout and f"iteration {ITERS}" in again.stdout
     assert _snapshot(run_dir) == before
+
+
+def _train(argv):
+    try:
+        return run_training(parse_run_config(argv))
+    finally:
+        parallel.destroy()
+
+
+def test_exit_interval_and_duration_save_and_stop(base, tmp_path, capsys):
+    data, _ = base
+    run_dir = str(tmp_path / "interval")
+    history = _train(tiny_run_args(data, iters=6, save=run_dir, load=run_dir, exit_interval=2))
+    assert [h["iteration"] for h in history] == [1, 2] and read_tracker(run_dir) == 2
+    assert "exiting at iteration 2 on --exit-interval 2" in capsys.readouterr().out
+    # The process has been running for more than 1e-4 minutes: stop after the first iteration.
+    run_dir = str(tmp_path / "duration")
+    history = _train(tiny_run_args(data, iters=6, save=run_dir, exit_duration_in_mins=1e-4))
+    assert len(history) == 1 and read_tracker(run_dir) == 1
+    assert "on --exit-duration-in-mins" in capsys.readouterr().out
+
+
+def test_exit_flags_need_save_and_training_needs_lr(base):
+    data, _ = base
+    with pytest.raises(ValueError, match="--exit-interval saves a checkpoint before exiting: pass --save"):
+        _train(tiny_run_args(data, iters=2, exit_interval=1))
+    argv = tiny_run_args(data, iters=2)
+    i = argv.index("--lr")
+    with pytest.raises(ValueError, match="--lr is required"):
+        _train(argv[:i] + argv[i + 2:])
