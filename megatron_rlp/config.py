@@ -101,6 +101,11 @@ class CheckpointConfig:
     no_load_rng: bool = option(False, "Do not load RNG state.")
     exit_signal_handler: bool = option(True, "On SIGTERM/SIGUSR1 (slurm preemption) save and exit cleanly "
                                        "(Megatron-LM's default is off).")
+    ckpt_step: Optional[int] = option(None, "Load this iteration of --load instead of the latest (e.g. when the latest is damaged).")
+    async_save: bool = option(False, "Write checkpoints in the background (megatron-core's async torch_dist save); "
+                              "the checkpoint becomes the latest only when every rank has finished writing it.")
+    ckpt_keep_last: Optional[int] = option(None, "Keep only the last N checkpoints under --save (default: keep all).")
+    ckpt_keep_every: Optional[int] = option(None, "With --ckpt-keep-last: also keep every checkpoint whose iteration is a multiple of M.")
     exit_interval: Optional[int] = option(None, "Save and exit when the iteration number is a multiple of N.")
     exit_duration_in_mins: Optional[float] = option(
         None, "Save and exit after this many minutes of the process's run time (set it below the job's time limit).")

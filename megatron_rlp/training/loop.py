@@ -114,10 +114,13 @@ def _validate_batch(run: RunConfig, dp: int) -> None:
         if getattr(t, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
     ck = run.checkpoint
-    for flag, value in (("--exit-interval", ck.exit_interval), ("--exit-duration-in-mins", ck.exit_duration_in_mins)):
+    if ck.ckpt_keep_every and not ck.ckpt_keep_last:
+        raise ValueError("--ckpt-keep-every only adds to --ckpt-keep-last N (without it every checkpoint is kept)")
+    for flag, value in (("--exit-interval", ck.exit_interval), ("--exit-duration-in-mins", ck.exit_duration_in_mins),
+                        ("--ckpt-keep-last", ck.ckpt_keep_last), ("--ckpt-keep-every", ck.ckpt_keep_every)):
         if value is not None and value <= 0:
             raise ValueError(f"{flag} must be > 0, got {value}")
-        if value is not None and not ck.save:
+        if value is not None and not ck.save and flag.startswith("--exit"):
             raise ValueError(f"{flag} saves a checkpoint before exiting: pass --save")
     if run.logging.log_interval < 1:
         raise ValueError(f"--log-interval must be >= 1, got {run.logging.log_interval}")
@@ -292,7 +295,7 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
         state.iteration = ckpt.load_checkpoint(
             start_dir, state.model, state.optimizer, state.scheduler, objective, signature,
             load_optimizer=not ck.no_load_optim, load_rng=not ck.no_load_rng,
-            finetune=start_kind == "weights",
+            finetune=start_kind == "weights", step=ck.ckpt_step if start_dir == ck.load else None,
         )
     elif ck.load and dist.get_rank() == 0:
         print(f"note: --load {ck.load} holds no checkpoint of this run yet; starting at iteration 0 "
@@ -303,7 +306,24 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                   f"--train-iters is {t.train_iters}; nothing to do (raise --train-iters to continue)",
                   flush=True)
         return []
+    if ck.save and dist.get_rank() == 0:
+        ckpt.check_writable(ck.save)
+        for path in ckpt.remove_incomplete(ck.save):
+            print(f"removed {path}: a checkpoint whose writing never finished", flush=True)
     writer = MetricsWriter(log_cfg.tensorboard_dir, enabled=is_logging_rank())
+    async_queue = None
+    if ck.async_save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        async_queue = AsyncCallsQueue()
+
+    def committed(path: str) -> None:
+        writer.log(f"saved checkpoint {path}")
+        if dist.get_rank() == 0:
+            deleted = ckpt.apply_retention(ck.save, ck.ckpt_keep_last, ck.ckpt_keep_every)
+            if deleted:
+                writer.log(f"removed checkpoints of iterations {deleted} (--ckpt-keep-last {ck.ckpt_keep_last})")
+
     preempt = _PreemptionFlag(ck.exit_signal_handler)
     forward_backward = get_forward_backward_func()
     history: list[dict] = []
@@ -377,9 +397,11 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                 or state.iteration == t.train_iters or stop
             )
             if due:
-                path = ckpt.save_checkpoint(ck.save, state.iteration, state.model, state.optimizer,
-                                            state.scheduler, objective, signature)
-                writer.log(f"saved checkpoint {path}")
+                ckpt.save_checkpoint(ck.save, state.iteration, state.model, state.optimizer,
+                                     state.scheduler, objective, signature,
+                                     async_queue=async_queue, on_committed=committed)
+            if async_queue is not None:
+                async_queue.maybe_finalize_async_calls(blocking=stop or state.iteration == t.train_iters)
             if stop:
                 writer.log(f"exiting at iteration {state.iteration} on {stop_reason}")
                 break
