@@ -120,14 +120,14 @@ class TrainingConfig:
     train_iters: int = option(100, "Number of optimizer steps to run (total, including resumed ones).")
     optimizer: str = option("adam", "Optimizer.", choices=["adam", "sgd"])
     sgd_momentum: float = option(0.9, "Momentum of the SGD optimizer.")
-    lr: float = option(3e-4, "Peak learning rate.")
+    lr: Optional[float] = option(None, "Peak learning rate (required, as in Megatron-LM; the RLP recipe uses 1e-6).")
     min_lr: float = option(0.0, "Minimum learning rate at the end of decay.")
-    lr_decay_style: str = option("cosine", "Learning rate decay style.", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+    lr_decay_style: str = option("linear", "Learning rate decay style (Megatron-LM's default: linear).", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
     lr_warmup_iters: int = option(0, "Linear warm-up iterations.")
     lr_decay_iters: Optional[int] = option(None, "Decay iterations (default: --train-iters).")
     weight_decay: float = option(0.01, "Weight decay.")
     adam_beta1: float = option(0.9, "Adam beta1.")
-    adam_beta2: float = option(0.95, "Adam beta2.")
+    adam_beta2: float = option(0.999, "Adam beta2 (Megatron-LM's default; LLM recipes often pass 0.95).")
     adam_eps: float = option(1e-8, "Adam epsilon.")
     clip_grad: float = option(1.0, "Gradient clipping by global norm (0 disables).")
     seed: int = option(1234, "Random seed.")
@@ -165,13 +165,27 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = option(None, "Directory to save checkpoints to.")
-    load: Optional[str] = option(None, "Directory to load a checkpoint from.")
+    save: Optional[str] = option(None, "Directory to save checkpoints to (the run's own directory; usually the same as --load).")
+    load: Optional[str] = option(None, "Directory to resume from (the run's own directory). When it holds no checkpoint yet "
+                                 "and is the --save directory, the run starts fresh (from --pretrained-checkpoint if given).")
+    pretrained_checkpoint: Optional[str] = option(
+        None, "A checkpoint to start from (e.g. a converted base model): its weights are loaded, with a fresh "
+        "optimizer, scheduler and data cursor, only when --load holds no checkpoint of this run yet."
+    )
     save_interval: Optional[int] = option(None, "Save every N iterations (and at the end).")
     finetune: bool = option(False, "Load model weights only and start at iteration 0 with a fresh optimizer, scheduler and data cursor (e.g. RLP from a pretrained checkpoint).")
     no_load_optim: bool = option(False, "Do not load optimizer state.")
     no_load_rng: bool = option(False, "Do not load RNG state.")
-    exit_signal_handler: bool = option(True, "On SIGTERM/SIGUSR1 (slurm preemption) save and exit cleanly.")
+    exit_signal_handler: bool = option(True, "On SIGTERM/SIGUSR1 (slurm preemption) save and exit cleanly "
+                                       "(Megatron-LM's default is off).")
+    ckpt_step: Optional[int] = option(None, "Load this iteration of --load instead of the latest (e.g. when the latest is damaged).")
+    async_save: bool = option(False, "Write checkpoints in the background (megatron-core's async torch_dist save); "
+                              "the checkpoint becomes the latest only when every rank has finished writing it.")
+    ckpt_keep_last: Optional[int] = option(None, "Keep only the last N checkpoints under --save (default: keep all).")
+    ckpt_keep_every: Optional[int] = option(None, "With --ckpt-keep-last: also keep every checkpoint whose iteration is a multiple of M.")
+    exit_interval: Optional[int] = option(None, "Save and exit when the iteration number is a multiple of N.")
+    exit_duration_in_mins: Optional[float] = option(
+        None, "Save and exit after this many minutes of the process's run time (set it below the job's time limit).")
 
 
 CONFIG_GROUPS = {

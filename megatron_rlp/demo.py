@@ -85,7 +85,7 @@ def common_args(paths: dict, seed: int) -> list[str]:
     return [
         "--model-preset", "tiny", "--layout-invariant-init", "--seed", str(seed),
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", paths["tokenizer"],
-        "--log-interval", "25",
+        "--log-interval", "25", "--adam-beta2", "0.95",
     ]
 
 

@@ -25,8 +25,11 @@ import torch.distributed as dist
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# torch.distributed.checkpoint reports a failed read as CheckpointException, a BaseException.
+_READ_ERRORS = (Exception, CheckpointException)
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -46,6 +49,61 @@ def read_tracker(root: str) -> Optional[int]:
     if not text.isdigit():
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
     return int(text)
+
+
+def available_iterations(root: str) -> list[int]:
+    """Iterations of the complete checkpoints under ``root`` (``iter_XXXXXXX``, not ``.tmp``)."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        if name.startswith("iter_") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)):
+            found.append(int(name[5:]))
+    return sorted(found)
+
+
+def check_writable(root: str) -> None:
+    """Fail before training if --save cannot be written (not after the iterations ran)."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(
+            f"--save {root!r} is not writable ({e.strerror or e}); pick a directory this job can "
+            "write to — nothing has been trained yet"
+        ) from None
+
+
+def remove_incomplete(root: str) -> list[str]:
+    """Delete checkpoints a crash left half-written (``iter_XXXXXXX.tmp``): none of them was ever
+    the latest, and only this run writes under its --save directory."""
+    if not os.path.isdir(root):
+        return []
+    stale = [os.path.join(root, n) for n in sorted(os.listdir(root)) if n.startswith("iter_") and n.endswith(".tmp")]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def apply_retention(root: str, keep_last: Optional[int], keep_every: Optional[int]) -> list[int]:
+    """Delete complete checkpoints outside the policy (the last ``keep_last``, every iteration
+    that is a multiple of ``keep_every``, and always the latest); returns the deleted iterations."""
+    if not keep_last:
+        return []
+    iterations = available_iterations(root)
+    latest = read_tracker(root)
+    keep = set(iterations[-keep_last:])
+    if keep_every:
+        keep |= {i for i in iterations if i % keep_every == 0}
+    if latest is not None:
+        keep.add(latest)
+    doomed = [i for i in iterations if i not in keep]
+    for i in doomed:
+        shutil.rmtree(iteration_dir(root, i), ignore_errors=True)
+    return doomed
 
 
 def _layout() -> dict:
@@ -99,15 +157,32 @@ def _model_sharded_state_dict(model_chunks) -> dict:
     return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
 
 
-def _write(state: dict, directory: str) -> None:
+def _write(state: dict, directory: str, async_save: bool = False):
     """dist_checkpointing.save, with megatron-core's writer-results queue served by a forked
     process: its default, a *spawned* Manager, re-imports the caller's ``__main__``, so a script
-    without an ``if __name__ == "__main__"`` guard would start training again inside it."""
+    without an ``if __name__ == "__main__"`` guard would start training again inside it.
+    With ``async_save`` the tensors are written by a background process; returns its request."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None and "fork" in mp.get_all_start_methods():
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
-    dist_checkpointing.save(state, directory)
+        from multiprocessing.managers import SyncManager
+
+        manager = SyncManager(ctx=mp.get_context("fork"))
+        manager.start(_die_with_parent)
+        filesystem_async._results_queue = manager.Queue()
+    return dist_checkpointing.save(state, directory, async_sharded_save=async_save)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this helper process when the rank that started it dies: a killed or
+    preempted rank must not leave a writer helper behind (it holds the job's pipes and memory)."""
+    import ctypes
+    import signal as signal_module
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal_module.SIGKILL))
 
 
 def _begin_save(root: str, iteration: int) -> tuple[str, str]:
@@ -162,9 +237,20 @@ def save_checkpoint(
     objective,
     model_signature: dict,
     model_args: Optional[dict] = None,
+    async_queue=None,
+    on_committed=None,
 ) -> str:
     """Save everything needed to resume exactly; returns the checkpoint directory.
-    ``model_args``: the architecture as flag values, for --use-checkpoint-args."""
+    ``model_args``: the architecture as flag values, for --use-checkpoint-args.
+
+    With ``async_queue`` (megatron-core's AsyncCallsQueue, --async-save) the tensors are written
+    in the background and the checkpoint is renamed into place and made the latest only when
+    every rank's write has finished (``async_queue.maybe_finalize_async_calls``); a crash before
+    then leaves the previous checkpoint as the latest.  ``on_committed(path)`` runs on every rank
+    once the checkpoint is in place.
+    """
+    if async_queue is not None:
+        async_queue.maybe_finalize_async_calls(blocking=True)  # one background save at a time
     final, tmp = _begin_save(root, iteration)
     model_sd = _model_sharded_state_dict(model_chunks)
     state = dict(model_sd)
@@ -180,8 +266,19 @@ def save_checkpoint(
     if model_args is not None:
         state["model_args"] = model_args
     state["parallel_layout"] = _layout()
-    _write(state, tmp)
-    _commit_save(root, iteration, final, tmp)
+
+    def commit():
+        _commit_save(root, iteration, final, tmp)
+        if on_committed is not None:
+            on_committed(final)
+
+    if async_queue is None:
+        _write(state, tmp)
+        commit()
+    else:
+        request = _write(state, tmp, async_save=True)
+        request.add_finalize_fn(commit)
+        async_queue.schedule_async_request(request)
     return final
 
 
@@ -210,33 +307,60 @@ def load_checkpoint(
     load_optimizer: bool = True,
     load_rng: bool = True,
     finetune: bool = False,
+    step: Optional[int] = None,
 ) -> int:
-    """Load the latest checkpoint under ``root``; returns its iteration."""
+    """Load the latest checkpoint under ``root`` (or iteration ``step``, --ckpt-step); returns
+    its iteration (0 when only weights are loaded)."""
     if not os.path.isdir(root):
         raise CheckpointError(f"--load {root!r} is not a directory; point it at a --save directory")
-    iteration = read_tracker(root)
-    if iteration is None:
-        raise CheckpointError(
-            f"--load {root!r} holds no checkpoint ({TRACKER} is missing); point --load at a "
-            "directory written by --save, or drop --load to start from scratch"
-        )
+    if step is not None:
+        iteration = step
+        if iteration not in available_iterations(root):
+            raise CheckpointError(
+                f"--ckpt-step {step}: {root} has no complete checkpoint of iteration {step} "
+                f"(it has {available_iterations(root) or 'none'})"
+            )
+    else:
+        iteration = read_tracker(root)
+        if iteration is None:
+            raise CheckpointError(
+                f"--load {root!r} holds no checkpoint ({TRACKER} is missing); point --load at a "
+                "directory written by --save, or drop --load to start from scratch"
+            )
     ckpt = iteration_dir(root, iteration)
     if not os.path.isdir(ckpt):
-        raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {ckpt} is missing")
+        raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {ckpt} is missing"
+                              + _previous_hint(root, iteration))
 
-    common = dist_checkpointing.load_common_state_dict(ckpt)
-    _check_signature(common["model_signature"], model_signature, ckpt)
-    same_layout = common["parallel_layout"] == _layout()
-
+    try:
+        common = dist_checkpointing.load_common_state_dict(ckpt)
+    except _READ_ERRORS as e:  # a missing metadata file, a truncated common.pt, ...
+        raise CheckpointError(_unreadable(root, ckpt, iteration, e)) from None
     model_sd = _model_sharded_state_dict(model_chunks)
     request = dict(model_sd)
+
+    if "model_signature" not in common:
+        # Written by another tool (e.g. Megatron-LM): its tensors decide whether it fits.
+        _check_foreign_tensors(ckpt, model_sd)
+        _load_weights(ckpt, root, iteration, request, model_chunks)
+        if dist.get_rank() == 0:
+            print(f"loaded the weights of {ckpt} (written by another tool: no optimizer, scheduler or "
+                  "data state is taken from it); training starts at iteration 0", flush=True)
+        return 0
+    _check_signature(common["model_signature"], model_signature, ckpt)
+    same_layout = common.get("parallel_layout") == _layout()
+
     if common.get("weights_only") or finetune:
-        loaded = dist_checkpointing.load(request, ckpt)
-        for key in model_sd:
-            unwrap_model(model_chunks[int(key[5:] or 0)]).load_state_dict(loaded[key], strict=True)
+        _load_weights(ckpt, root, iteration, request, model_chunks)
         if dist.get_rank() == 0:
             print(f"loaded the weights of {ckpt}; training starts at iteration 0", flush=True)
         return 0
+    missing = [k for k in ("objective", "scheduler", "iteration") if k not in common]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt} holds model weights but no {', '.join(missing)} state, so a run cannot resume "
+            "from it; pass it as --pretrained-checkpoint (weights only, fresh optimizer)"
+        )
     if load_optimizer and optimizer is not None:
         _prime_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(
@@ -249,7 +373,10 @@ def load_checkpoint(
     request["objective_tensors"] = objective.sharded_state_dict(model_sd)
     if load_rng and same_layout:
         request["rng_state"] = _rng_sharded_object()
-    loaded = dist_checkpointing.load(request, ckpt)
+    try:
+        loaded = dist_checkpointing.load(request, ckpt)
+    except _READ_ERRORS as e:  # a truncated or missing shard
+        raise CheckpointError(_unreadable(root, ckpt, iteration, e)) from None
 
     for key in model_sd:
         unwrap_model(model_chunks[int(key[5:] or 0)]).load_state_dict(loaded[key], strict=True)
@@ -267,6 +394,62 @@ def load_checkpoint(
             flush=True,
         )
     return int(common["iteration"])
+
+
+def _previous_hint(root: str, iteration: int) -> str:
+    earlier = [i for i in available_iterations(root) if i < iteration]
+    if earlier:
+        return f"; load the previous complete iteration with --ckpt-step {earlier[-1]}"
+    return "; no earlier checkpoint is left in this directory"
+
+
+def _unreadable(root: str, ckpt: str, iteration: int, error: Exception) -> str:
+    reason = f"{type(error).__name__}: {error}".strip()
+    if len(reason) > 300:
+        reason = reason[:300] + " ..."
+    return (f"{ckpt} cannot be read — it is incomplete or corrupt (a truncated shard or missing "
+            f"metadata?) [{reason}]" + _previous_hint(root, iteration))
+
+
+def _load_weights(ckpt: str, root: str, iteration: int, request: dict, model_chunks) -> None:
+    try:
+        loaded = dist_checkpointing.load(request, ckpt)
+    except _READ_ERRORS as e:
+        raise CheckpointError(_unreadable(root, ckpt, iteration, e)) from None
+    for key in request:
+        unwrap_model(model_chunks[int(key[5:] or 0)]).load_state_dict(loaded[key], strict=True)
+
+
+def _check_foreign_tensors(ckpt: str, model_sd: dict) -> None:
+    """A checkpoint without this project's model signature fits when it holds every tensor of the
+    model with the same global shape; otherwise name what is missing or different."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    try:
+        saved = dist_checkpointing.load_tensors_metadata(ckpt)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt} has no readable tensor metadata ({type(e).__name__}: {e}); "
+                              "it is not a torch_dist checkpoint") from None
+    missing, different = [], []
+    for value in nested_values(model_sd):
+        if not isinstance(value, ShardedTensor):
+            continue
+        if value.key not in saved:
+            missing.append(value.key)
+        elif tuple(saved[value.key].global_shape) != tuple(value.global_shape):
+            different.append(f"{value.key}: checkpoint {tuple(saved[value.key].global_shape)} vs "
+                             f"model {tuple(value.global_shape)}")
+    if missing or different:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) of the model, e.g. {', '.join(missing[:4])}")
+        if different:
+            parts.append(f"{len(different)} of different shape, e.g. {'; '.join(different[:4])}")
+        raise CheckpointError(
+            f"{ckpt} was written by another tool (no model_signature) and does not fit the model the "
+            f"flags describe: {'; '.join(parts)}; pass the architecture flags of the model that saved it"
+        )
 
 
 @contextlib.contextmanager

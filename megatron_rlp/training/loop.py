@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rlp import config as cfg
+from megatron_rlp import platform
 from megatron_rlp.models.init import initialize_layout_invariant
 from megatron_rlp.models.builder import build_model, transformer_config, validate_parallel_layout
 from megatron_rlp.models.architecture import architecture_args, resolve_architecture
@@ -152,6 +154,15 @@ def _validate_batch(run: RunConfig, dp: int) -> None:
     for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters"):
         if getattr(t, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
+    ck = run.checkpoint
+    if ck.ckpt_keep_every and not ck.ckpt_keep_last:
+        raise ValueError("--ckpt-keep-every only adds to --ckpt-keep-last N (without it every checkpoint is kept)")
+    for flag, value in (("--exit-interval", ck.exit_interval), ("--exit-duration-in-mins", ck.exit_duration_in_mins),
+                        ("--ckpt-keep-last", ck.ckpt_keep_last), ("--ckpt-keep-every", ck.ckpt_keep_every)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
+        if value is not None and not ck.save and flag.startswith("--exit"):
+            raise ValueError(f"{flag} saves a checkpoint before exiting: pass --save")
     if run.logging.log_interval < 1:
         raise ValueError(f"--log-interval must be >= 1, got {run.logging.log_interval}")
 
@@ -207,10 +218,12 @@ def setup(run: RunConfig, preset: ModelPreset) -> TrainState:
     chunks = [model]
 
     t = run.training
+    # Evaluation and conversion build the optimizer without stepping it; train() requires --lr.
+    lr = t.lr if t.lr is not None else 0.0
     opt_config = OptimizerConfig(
         optimizer=t.optimizer,
         sgd_momentum=t.sgd_momentum,
-        lr=t.lr,
+        lr=lr,
         min_lr=t.min_lr,
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
@@ -225,8 +238,8 @@ def setup(run: RunConfig, preset: ModelPreset) -> TrainState:
     decay_iters = t.lr_decay_iters or t.train_iters
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if t.lr_warmup_iters else t.lr,
-        max_lr=t.lr,
+        init_lr=0.0 if t.lr_warmup_iters else lr,
+        max_lr=lr,
         min_lr=t.min_lr,
         lr_warmup_steps=t.lr_warmup_iters,
         lr_decay_steps=max(decay_iters, t.lr_warmup_iters + 1),
@@ -312,6 +325,40 @@ def _explain_gradient_check(error: RuntimeError, iteration: int) -> Exception:
     )
 
 
+def resolve_start(ck: cfg.CheckpointConfig) -> tuple[str, Optional[str]]:
+    """Where a run starts, as in Megatron-LM: ("resume", --load) when the run's own directory holds
+    a checkpoint; ("weights", dir) for weights only with a fresh optimizer, scheduler and data
+    cursor (--finetune, or --pretrained-checkpoint while --load holds no checkpoint yet);
+    ("fresh", None) otherwise.  A requeued job therefore resumes where it stopped."""
+    if ck.load and ckpt.read_tracker(ck.load) is not None:
+        return ("weights" if ck.finetune else "resume"), ck.load
+    if ck.pretrained_checkpoint:
+        if ckpt.read_tracker(ck.pretrained_checkpoint) is None:
+            raise ckpt.CheckpointError(
+                f"--pretrained-checkpoint {ck.pretrained_checkpoint!r} holds no checkpoint "
+                f"({ckpt.TRACKER} is missing); point it at a directory written by "
+                "tools/convert_checkpoint.py or by --save"
+            )
+        return "weights", ck.pretrained_checkpoint
+    if ck.load and not _same_directory(ck.load, ck.save):
+        raise ckpt.CheckpointError(
+            f"--load {ck.load!r} holds no checkpoint ({ckpt.TRACKER} is missing); point --load at "
+            "a directory written by --save (the run's own directory, usually --load = --save), pass "
+            "the base model as --pretrained-checkpoint, or drop --load to start from scratch"
+        )
+    return "fresh", None
+
+
+def _same_directory(a: Optional[str], b: Optional[str]) -> bool:
+    return a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _process_start_time() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 class _PreemptionFlag:
     """SIGTERM / SIGUSR1 (slurm's warning before preemption) -> save at the next iteration end."""
 
@@ -328,9 +375,10 @@ class _PreemptionFlag:
     def _handler(self, signum, frame):
         self.raised = True
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0])
-        dist.all_reduce(flag)
+    def any_rank(self, also: bool = False) -> bool:
+        """True on every rank when any rank got the signal (or has ``also`` set)."""
+        flag = torch.tensor([1.0 if (self.raised or also) else 0.0], device=platform.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def restore(self) -> None:
@@ -342,13 +390,44 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
     """Run until --train-iters; returns the per-iteration metrics (identical on every rank)."""
     run = state.run
     t, log_cfg, ck = run.training, run.logging, run.checkpoint
+    if t.lr is None:
+        raise ValueError("--lr is required (Megatron-LM has no default either); the RLP recipe uses "
+                         "--lr 1e-6 --lr-decay-style constant")
     signature = model_signature(state.preset)
-    if ck.load:
+    start_kind, start_dir = resolve_start(ck)
+    if start_kind != "fresh":
         state.iteration = ckpt.load_checkpoint(
-            ck.load, state.model, state.optimizer, state.scheduler, objective, signature,
-            load_optimizer=not ck.no_load_optim, load_rng=not ck.no_load_rng, finetune=ck.finetune,
+            start_dir, state.model, state.optimizer, state.scheduler, objective, signature,
+            load_optimizer=not ck.no_load_optim, load_rng=not ck.no_load_rng,
+            finetune=start_kind == "weights", step=ck.ckpt_step if start_dir == ck.load else None,
         )
+    elif ck.load and dist.get_rank() == 0:
+        print(f"note: --load {ck.load} holds no checkpoint of this run yet; starting at iteration 0 "
+              "from a freshly initialised model", flush=True)
+    if state.iteration >= t.train_iters:
+        if dist.get_rank() == 0:
+            print(f"the run already finished: {start_dir} is at iteration {state.iteration} and "
+                  f"--train-iters is {t.train_iters}; nothing to do (raise --train-iters to continue)",
+                  flush=True)
+        return []
+    if ck.save and dist.get_rank() == 0:
+        ckpt.check_writable(ck.save)
+        for path in ckpt.remove_incomplete(ck.save):
+            print(f"removed {path}: a checkpoint whose writing never finished", flush=True)
     writer = MetricsWriter(log_cfg.tensorboard_dir, enabled=is_logging_rank())
+    async_queue = None
+    if ck.async_save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        async_queue = AsyncCallsQueue()
+
+    def committed(path: str) -> None:
+        writer.log(f"saved checkpoint {path}")
+        if dist.get_rank() == 0:
+            deleted = ckpt.apply_retention(ck.save, ck.ckpt_keep_last, ck.ckpt_keep_every)
+            if deleted:
+                writer.log(f"removed checkpoints of iterations {deleted} (--ckpt-keep-last {ck.ckpt_keep_last})")
+
     preempt = _PreemptionFlag(ck.exit_signal_handler)
     forward_backward = get_forward_backward_func()
     forward_step = objective.forward_step
@@ -415,19 +494,29 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                     "learning-rate": lr, "grad-norm": grad_norm, "throughput/tflops_per_gpu": tflops,
                     "iteration-time-ms": elapsed * 1000,
                 }))
-            stop = preempt.any_rank()
+            out_of_time = bool(ck.exit_duration_in_mins) and (
+                (time.time() - _process_start_time()) / 60.0 >= ck.exit_duration_in_mins
+            )
+            stop_reason = None
+            if preempt.any_rank(also=out_of_time):
+                stop_reason = "a termination signal" if preempt.raised else "--exit-duration-in-mins"
+            elif ck.exit_interval and state.iteration % ck.exit_interval == 0 and state.iteration < t.train_iters:
+                stop_reason = f"--exit-interval {ck.exit_interval}"
+            stop = stop_reason is not None
             due = ck.save and (
                 (ck.save_interval and state.iteration % ck.save_interval == 0)
                 or state.iteration == t.train_iters or stop
             )
             if due:
                 state.sync_parameters()
-                path = ckpt.save_checkpoint(ck.save, state.iteration, state.model, state.optimizer,
-                                            state.scheduler, objective, signature,
-                                            model_args=architecture_args(state.preset))
-                writer.log(f"saved checkpoint {path}")
+                ckpt.save_checkpoint(ck.save, state.iteration, state.model, state.optimizer,
+                                     state.scheduler, objective, signature,
+                                     model_args=architecture_args(state.preset),
+                                     async_queue=async_queue, on_committed=committed)
+            if async_queue is not None:
+                async_queue.maybe_finalize_async_calls(blocking=stop or state.iteration == t.train_iters)
             if stop:
-                writer.log(f"exiting at iteration {state.iteration} on a termination signal")
+                writer.log(f"exiting at iteration {state.iteration} on {stop_reason}")
                 break
         state.sync_parameters()  # the caller gets the gathered θ
     finally:

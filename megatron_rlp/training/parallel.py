@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from datetime import timedelta
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -15,20 +16,64 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron_rlp import platform
 
 
-def init_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's environment (single process without it).
+def launch_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for this process.
 
-    Returns (rank, world_size).
+    torchrun sets them itself.  ``srun`` with one task per GPU sets SLURM_* instead: rank from
+    SLURM_PROCID, world size from SLURM_STEP_NUM_TASKS (the step's tasks — SLURM_NTASKS would be
+    the whole allocation's, also inside the batch script), local rank from SLURM_LOCALID, the
+    master from the first node of the step (or an exported MASTER_ADDR) and a port derived from
+    the job id, so every task agrees without talking.  Without either launcher: one process.
     """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        out = {k: env[k] for k in ("RANK", "WORLD_SIZE")}
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
+        out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" in env:
+            out["MASTER_PORT"] = env["MASTER_PORT"]
+        return out
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        master = env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else None)
+        if master is None:
+            raise ValueError("srun launch: neither MASTER_ADDR nor SLURM_STEP_NODELIST/SLURM_JOB_NODELIST "
+                             "is set; export MASTER_ADDR=<first node> in the batch script")
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": master,
+            "MASTER_PORT": env.get("MASTER_PORT", str(10000 + job % 50000)),
+        }
+    out = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1")}
+    if "MASTER_PORT" in env:
+        out["MASTER_PORT"] = env["MASTER_PORT"]
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a slurm node list: "gpu[007-009,012],cpu1" -> "gpu007"."""
+    nodelist = nodelist.strip()
+    head = nodelist.split(",", 1)[0]
+    if "[" not in head:
+        return head
+    prefix, ranges = nodelist.split("[", 1)
+    return prefix + ranges.split("]", 1)[0].split(",")[0].split("-")[0]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's or srun's environment (one process without
+    either; see :func:`launch_environment`).  Returns (rank, world_size)."""
     platform.setup_platform()
     if not dist.is_initialized():
-        rank = int(os.environ.get("RANK", "0"))
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.update(launch_environment(os.environ))
+        rank = int(os.environ["RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())
         if platform.cuda_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(
             backend=platform.dist_backend(),
             rank=rank,

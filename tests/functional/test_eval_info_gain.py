@@ -36,7 +36,7 @@ def demo_setup(tmp_path_factory):
     try:
         run_training(parse_run_config(common + ["--data-path", paths["warm"], "--seq-length", "64",
                                                 "--micro-batch-size", "4", "--global-batch-size", "4",
-                                                "--train-iters", "2", "--save", ckpt]))
+                                                "--train-iters", "2", "--lr", "3e-4", "--save", ckpt]))
     finally:
         parallel.destroy()
     return root, paths, common, ckpt
