@@ -208,15 +208,19 @@ def test_evaluation_scores_long_documents_in_windows():
 def test_example_launch_scripts_fit_their_seq_length(script):
     """The slurm examples' RLP rows (the paper's 2048-token thoughts) fit their --seq-length."""
     import os
-    import shlex
 
     from megatron_rlp.models.presets import get_preset
     from megatron_rlp.pretrain import parse_run_config
 
+    import subprocess
+
     path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", script, "rlp.sbatch")
-    text = open(path).read().replace("\\\n", " ")
-    command = next(line for line in text.splitlines() if "-m megatron_rlp.pretrain" in line)
-    run = parse_run_config(shlex.split(command.split("-m megatron_rlp.pretrain", 1)[1]))
+    # The script's TRAIN_ARGS array, expanded by bash itself.
+    show = 'eval "$(sed -n "/^TRAIN_ARGS=(/,/^)/p" "$0")"; printf "%s\\n" "${TRAIN_ARGS[@]}"'
+    env = dict(os.environ, DATA="/d", HF_DIR="/hf", BASE_CKPT="/base", RUN_DIR="/run")
+    flags = subprocess.run(["bash", "-c", show, path], capture_output=True, text=True, env=env,
+                           check=True).stdout.splitlines()
+    run = parse_run_config(flags + ["--train-iters", "10"])
     rlp = run.extra["rlp"]
     assert rlp.rlp_thought_len == 2048
     validate_rlp_lengths(run.training.seq_length, get_preset(run.model.model_preset).max_position_embeddings,
