@@ -156,7 +156,7 @@ def test_sbatch_syntax_and_flags(script, tmp_path):
     assert flags[flags.index("--pretrained-checkpoint") + 1] == "/base"
     assert "--finetune" not in flags  # a requeued job must resume, not restart from the base model
     parsed = build_parser().parse_args(flags)  # every flag exists with a valid value
-    assert parsed.exit_signal_handler and parsed.lr == 1e-6 and parsed.seq_length == 2048
+    assert parsed.exit_signal_handler and parsed.lr == 1e-6 and parsed.seq_length == 4096
     assert "ENV MASTER_ADDR=node001 MASTER_PORT=14242 CDMC=1" in text
 
 
