@@ -236,7 +236,7 @@ def test_rlp_tp2_pp2_sequence_parallel_and_recompute_with_the_sampler(corpus):
 def test_bad_flag_combinations_are_rejected(corpus):
     with pytest.raises(ValueError, match="--seq-length 31 must be a multiple of --tensor-model-parallel-size 2"):
         run = loop.RunConfig()
-        run.model.num_layers = 2
+        run.model.model_preset, run.model.num_layers = "tiny", 2
         run.parallel.tensor_model_parallel_size, run.parallel.sequence_parallel = 2, True
         run.training.seq_length, run.training.global_batch_size = 31, 1
         try:
