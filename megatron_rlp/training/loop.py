@@ -466,9 +466,17 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                 )
             update_ok, grad_norm, _ = state.optimizer.step()
             if grad_norm is not None and not math.isfinite(grad_norm):
+                # megatron's fp32 and bf16 optimizers have no loss scaler: the step is applied
+                # with the non-finite gradients, so say so rather than claim it was skipped.
+                last = ckpt.read_tracker(ck.save) if ck.save else None
                 raise TrainingError(
-                    f"iteration {state.iteration + 1}: gradient norm is {grad_norm}; the update was "
-                    "skipped and the last saved checkpoint is intact — lower --lr or check the data"
+                    f"iteration {state.iteration + 1}: gradient norm is {grad_norm}; the optimizer "
+                    "step was applied with it, so the weights in memory are no longer finite and "
+                    "are not saved. "
+                    + (f"The last saved checkpoint (iteration {last} in {ck.save}) is intact — " if last is not None
+                       else "No checkpoint was saved yet — ")
+                    + "lower --lr or check the data (--check-for-nan-in-loss-and-grad names the "
+                    "rank and stops before the step)"
                 )
             state.sync_parameters.mark_stale()
             state.scheduler.step(increment=1)
