@@ -160,3 +160,33 @@ def test_exit_flags_need_save_and_training_needs_lr(base):
     i = argv.index("--lr")
     with pytest.raises(ValueError, match="--lr is required"):
         _train(argv[:i] + argv[i + 2:])
+
+
+def test_a_changed_schedule_on_resume_must_be_chosen(base, tmp_path, capsys):
+    """Megatron-LM's rule: more --train-iters or a new --lr on resume is refused until a flag says
+    whose schedule wins (before, the extra iterations silently kept the old schedule)."""
+    data, _ = base
+    run_dir = str(tmp_path / "run")
+    _train(tiny_run_args(data, iters=2, save=run_dir, load=run_dir))
+    longer = tiny_run_args(data, iters=4, save=run_dir, load=run_dir)
+    longer[longer.index("--lr") + 1] = "2e-3"
+    from megatron_rlp.pretrain import main
+
+    assert main(longer) == 2
+    err = capsys.readouterr().err
+    assert "another learning-rate schedule" in err and "--lr: checkpoint 0.001, flags 0.002" in err
+    assert "--override-opt_param-scheduler" in err and "--use-checkpoint-opt_param-scheduler" in err
+    assert read_tracker(run_dir) == 2  # nothing was trained or written
+
+    import shutil
+
+    kept = str(tmp_path / "kept")
+    shutil.copytree(run_dir, kept)
+    overridden = _train(longer + ["--override-opt_param-scheduler"])
+    assert [h["lr"] for h in overridden] == [2e-3, 2e-3]
+    argv = tiny_run_args(data, iters=4, save=kept, load=kept)
+    argv[argv.index("--lr") + 1] = "2e-3"
+    checkpoint_schedule = _train(argv + ["--use-checkpoint-opt_param-scheduler"])
+    assert [h["lr"] for h in checkpoint_schedule] == [1e-3, 1e-3]
+    with pytest.raises(ValueError, match="contradict each other"):
+        _train(argv + ["--use-checkpoint-opt_param-scheduler", "--override-opt_param-scheduler"])
