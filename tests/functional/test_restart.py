@@ -190,3 +190,21 @@ def test_a_changed_schedule_on_resume_must_be_chosen(base, tmp_path, capsys):
     assert [h["lr"] for h in checkpoint_schedule] == [1e-3, 1e-3]
     with pytest.raises(ValueError, match="contradict each other"):
         _train(argv + ["--use-checkpoint-opt_param-scheduler", "--override-opt_param-scheduler"])
+
+
+def test_resume_inside_a_sample_batch_finishes_it(base, tmp_path):
+    """--rlp-updates-per-batch 2 stopped after the first update of a batch: the resumed run
+    finishes that batch (same sequences, θ_old and advantages) and keeps the KL reference θ_0."""
+    data, _ = base
+    rlp = dict(rlp=True, rlp_num_thoughts=2, rlp_thought_len=3, rlp_min_context=2,
+               rlp_think_open=NULL_VOCAB - 2, rlp_think_close=NULL_VOCAB - 1,
+               rlp_updates_per_batch=2, rlp_kl_beta=0.1)
+    straight = _train(tiny_run_args(data, iters=4, **rlp))
+    run_dir = str(tmp_path / "run")
+    first = _train(tiny_run_args(data, iters=4, save=run_dir, load=run_dir, exit_interval=1, **rlp))
+    assert [h["iteration"] for h in first] == [1] and read_tracker(run_dir) == 1  # mid-batch
+    resumed = _train(tiny_run_args(data, iters=4, save=run_dir, load=run_dir, **rlp))
+    keys = [k for k in straight[0] if k.startswith("rlp") or k in ("grad_norm", "lr")]
+    assert "rlp/kl" in keys
+    for got, want in zip(first + resumed, straight):
+        assert {k: got[k] for k in keys} == {k: want[k] for k in keys}, got["iteration"]
