@@ -131,6 +131,13 @@ class TrainingConfig:
     adam_eps: float = option(1e-8, "Adam epsilon.")
     clip_grad: float = option(1.0, "Gradient clipping by global norm (0 disables).")
     seed: int = option(1234, "Random seed.")
+    override_opt_param_scheduler: bool = option(
+        False, "On resume, take the learning-rate / weight-decay schedule from the flags, not from the "
+        "checkpoint (e.g. after raising --train-iters or changing --lr).",
+        flag="--override-opt_param-scheduler")
+    use_checkpoint_opt_param_scheduler: bool = option(
+        False, "On resume, keep the checkpoint's learning-rate / weight-decay schedule whatever the flags say.",
+        flag="--use-checkpoint-opt_param-scheduler")
     check_for_nan_in_loss_and_grad: bool = option(
         True, "Check each rank's gradients for NaN/Inf before the data-parallel reduction and stop "
         "with an error naming the iteration (Megatron-LM's default; --no-check-for-nan-in-loss-and-grad "

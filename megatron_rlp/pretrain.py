@@ -82,7 +82,8 @@ def setup_run(run, need_data: bool = True):
     stream = None
     if dataset is not None:
         stream = DocumentStream(
-            dataset, preset.vocab_size, seed=run.training.seed, shuffle=run.data.shuffle_documents,
+            # Ids must be ones the tokenizer can produce (the model pads its vocabulary past them).
+            dataset, tokenizer.vocab_size, seed=run.training.seed, shuffle=run.data.shuffle_documents,
             eod_id=tokenizer.eod, name=run.data.data_path,
         )
     return state, tokenizer, stream

@@ -18,7 +18,9 @@ lengths stored in the ``.idx`` file; a rank reads the tokens of its own samples 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from struct import error as struct_error
 from typing import Optional
 
 import numpy as np
@@ -80,12 +82,44 @@ class DataError(ValueError):
 
 
 def open_indexed_dataset(path_prefix: str) -> IndexedDataset:
+    """Open a .bin/.idx pair, checking that the .bin holds exactly the bytes the .idx describes."""
     if not IndexedDataset.exists(path_prefix):
         raise FileNotFoundError(
             f"--data-path {path_prefix!r}: no {path_prefix}.bin / {path_prefix}.idx found; "
             f"create them with tools/preprocess_data.py --output-prefix {path_prefix}"
         )
-    return IndexedDataset(path_prefix, mmap=True)
+    bin_path, idx_path = path_prefix + ".bin", path_prefix + ".idx"
+    redo = f"re-create both with tools/preprocess_data.py --output-prefix {path_prefix}"
+    try:
+        dataset = IndexedDataset(path_prefix, mmap=True)
+    except (ValueError, AssertionError, struct_error) as e:
+        raise DataError(f"{idx_path} cannot be read as a Megatron index ({e}); it is truncated or not "
+                        f"an .idx file — {redo}") from None
+    check_bin_matches_index(dataset.index, os.path.getsize(bin_path), bin_path, idx_path, redo)
+    return dataset
+
+
+def check_bin_matches_index(index, bin_bytes: int, bin_path: str, idx_path: str, redo: str) -> None:
+    """Every sequence of the .idx lies inside the .bin, back to back, and the .bin ends where the
+    last one does: a truncated .bin, or a .bin of another dataset, is refused naming both files."""
+    lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
+    pointers = np.asarray(index.sequence_pointers, dtype=np.int64)
+    item = int(index.dtype_size)
+    if len(lengths) == 0:
+        return
+    ends = pointers + lengths * item
+    expected = int(ends[-1])
+    if pointers[0] != 0 or np.any(pointers[1:] != ends[:-1]) or np.any(lengths < 0):
+        bad = int(np.flatnonzero(np.concatenate([[pointers[0] != 0], pointers[1:] != ends[:-1]]))[0])
+        raise DataError(f"{idx_path}: document bounds are inconsistent at sequence {bad} (not back to back "
+                        f"in {bin_path}); the index is damaged — {redo}")
+    if bin_bytes != expected:
+        what = "is truncated" if bin_bytes < expected else "is longer"
+        raise DataError(
+            f"{bin_path} ({bin_bytes} bytes) does not match {idx_path}, which describes "
+            f"{len(lengths)} sequences in {expected} bytes: the .bin {what} — the pair comes from "
+            f"different datasets or a write was cut short; {redo}"
+        )
 
 
 class DocumentStream:
@@ -136,7 +170,7 @@ class DocumentStream:
         if len(tokens) and (tokens.max() >= self.vocab_size or tokens.min() < 0):
             bad = int(tokens.max() if tokens.max() >= self.vocab_size else tokens.min())
             raise DataError(
-                f"{self.name}: document {int(doc)} holds token id {bad}, outside the model "
+                f"{self.name}: document {int(doc)} holds token id {bad}, outside the tokenizer's "
                 f"vocabulary [0, {self.vocab_size}); the data was tokenized with another "
                 "tokenizer — re-run tools/preprocess_data.py with this run's --tokenizer-* flags "
                 "or set --vocab-size"

@@ -279,6 +279,7 @@ class RLPObjective:
         self.seed = state.run.training.seed
         self.teacher = EMATeacher()
         self.reference: Optional[EMATeacher] = None  # frozen θ_0 for the optional KL term
+        self._load_batch = False  # the checkpoint being loaded holds this rank's batch in progress
         self.allowed_positions = _read_positions_file(config.rlp_positions_file)
         if self.allowed_positions is not None and len(self.allowed_positions) < stream.num_documents:
             raise ValueError(
@@ -466,9 +467,18 @@ class RLPObjective:
         return max(self._last_tokens, 1), self._last_seq
 
     # -- checkpoints ----------------------------------------------------------------------------
+    # A checkpoint can be written between two updates of one sample batch (--rlp-updates-per-batch
+    # > 1: a preemption warning cannot wait for the batch's end).  The batch in progress — its
+    # sequences, θ_old log-probs and advantages — is saved per rank, so the resumed run finishes
+    # it exactly instead of drawing a new one.
+    def _batch_in_progress(self) -> bool:
+        return self.config.rlp_updates_per_batch > 1 and bool(self._cached)
+
     def state_dict(self) -> dict:
         return {"cursor": self.stream.state_dict(), "sample_batches": self.sample_batches,
-                "ema_initialized": self.teacher.initialized}
+                "ema_initialized": self.teacher.initialized,
+                "kl_reference_initialized": self.reference is not None and self.reference.initialized,
+                "batch_in_progress_layout": _rank_layout()[0] if self._batch_in_progress() else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["cursor"])
@@ -476,14 +486,37 @@ class RLPObjective:
         self._cached = []
         if state.get("ema_initialized") and not self.teacher.initialized:
             self.teacher.maybe_initialize(self.models)  # shadows to load into
+        if state.get("kl_reference_initialized") and self.reference is None:
+            self.reference = EMATeacher()
+            self.reference.maybe_initialize(self.models)  # the frozen θ_0 is loaded into it
+        saved_layout = state.get("batch_in_progress_layout")
+        self._load_batch = saved_layout is not None and tuple(saved_layout) == _rank_layout()[0]
+        if saved_layout is not None and not self._load_batch and dist.get_rank() == 0:
+            print(f"note: the checkpoint stopped inside a sample batch (--rlp-updates-per-batch "
+                  f"{self.config.rlp_updates_per_batch}) at layout (pp, tp, dp) {tuple(saved_layout)}; "
+                  f"this run's is {_rank_layout()[0]}, so a new batch is drawn — resume at the same "
+                  "layout to finish it exactly", flush=True)
 
     def sharded_state_dict(self, model_sharded_state_dict) -> dict:
-        if not self.teacher.initialized:
-            return {}
-        return _shadow_sharded_state_dict(self.teacher, self.models, model_sharded_state_dict, prefix="ema.")
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        out = {}
+        if self.teacher.initialized:
+            out.update(_shadow_sharded_state_dict(self.teacher, self.models, model_sharded_state_dict, prefix="ema."))
+        if self.reference is not None and self.reference.initialized:
+            out.update(_shadow_sharded_state_dict(self.reference, self.models, model_sharded_state_dict,
+                                                  prefix="kl_reference."))
+        if self._batch_in_progress() or self._load_batch:
+            shape, offset = _rank_layout()
+            out["batch_in_progress"] = ShardedObject("rlp.batch_in_progress", self._cached, shape, offset,
+                                                     replica_id=0)
+        return out
 
     def load_sharded_state_dict(self, loaded: dict) -> None:
-        pass  # tensors were loaded in place into the teacher's shadows
+        # EMA and KL-reference tensors were loaded in place into the shadows.
+        if self._load_batch:
+            self._cached = loaded["batch_in_progress"]
+            self._load_batch = False
 
 
 def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
@@ -502,6 +535,15 @@ def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_
     logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
     return torch.zeros(()), {"logp": logp.detach().view(slots.shape)}
+
+
+def _rank_layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """((pp, tp, dp) sizes, this rank's (pp, tp, dp) ranks)."""
+    ps = parallel_state
+    return ((ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size()),
+            (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+             ps.get_data_parallel_rank()))
 
 
 def _sample_seed(seed: int, batch_index: int, dp_rank: int) -> int:

@@ -361,6 +361,8 @@ def load_checkpoint(
             f"{ckpt} holds model weights but no {', '.join(missing)} state, so a run cannot resume "
             "from it; pass it as --pretrained-checkpoint (weights only, fresh optimizer)"
         )
+    if load_optimizer and scheduler is not None:
+        _check_schedule(scheduler, common["scheduler"], ckpt)
     if load_optimizer and optimizer is not None:
         _prime_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(
@@ -381,8 +383,15 @@ def load_checkpoint(
     for key in model_sd:
         unwrap_model(model_chunks[int(key[5:] or 0)]).load_state_dict(loaded[key], strict=True)
     if "optimizer" in request:
+        # megatron-core keeps each param group's own max_lr/min_lr, which the loaded optimizer
+        # state brings back from the checkpoint: --override-opt_param-scheduler must reset them.
+        flag_lrs = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
         with _tolerate_per_param_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler.override_opt_param_scheduler:
+            for group, (max_lr, min_lr) in zip(optimizer.param_groups, flag_lrs):
+                if max_lr is not None:
+                    group["max_lr"], group["min_lr"] = max_lr, min_lr
         scheduler.load_state_dict(common["scheduler"])
     objective.load_sharded_state_dict(loaded.get("objective_tensors", {}))
     if "rng_state" in request:
@@ -394,6 +403,32 @@ def load_checkpoint(
             flush=True,
         )
     return int(common["iteration"])
+
+
+# The scheduler's saved values and the flags that set them.
+_SCHEDULE_FLAGS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+    "lr_decay_steps": "--lr-decay-iters / --train-iters", "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay", "end_wd": "--weight-decay",
+    "wd_incr_steps": "--lr-decay-iters / --train-iters", "wd_incr_style": "weight-decay schedule",
+}
+
+
+def _check_schedule(scheduler, saved: dict, ckpt: str) -> None:
+    """Megatron-LM's rule on resume: a learning-rate / weight-decay schedule that differs from the
+    checkpoint's is an error unless --override-opt_param-scheduler (take the flags') or
+    --use-checkpoint-opt_param-scheduler (keep the checkpoint's) says which one wins."""
+    if scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler:
+        return
+    current = scheduler.state_dict()
+    diffs = [f"{_SCHEDULE_FLAGS[k]}: checkpoint {saved[k]!r}, flags {current[k]!r}"
+             for k in _SCHEDULE_FLAGS if k in saved and saved[k] != current[k]]
+    if diffs:
+        raise CheckpointError(
+            f"{ckpt} was trained with another learning-rate schedule than the flags give ("
+            + "; ".join(dict.fromkeys(diffs)) + "); pass --override-opt_param-scheduler to continue "
+            "with the flags' schedule, or --use-checkpoint-opt_param-scheduler to keep the checkpoint's"
+        )
 
 
 def _previous_hint(root: str, iteration: int) -> str:

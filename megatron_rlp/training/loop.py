@@ -154,6 +154,9 @@ def _validate_batch(run: RunConfig, dp: int) -> None:
     for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters"):
         if getattr(t, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
+    if t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler:
+        raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                         "contradict each other; pass one")
     ck = run.checkpoint
     if ck.ckpt_keep_every and not ck.ckpt_keep_last:
         raise ValueError("--ckpt-keep-every only adds to --ckpt-keep-last N (without it every checkpoint is kept)")
@@ -248,6 +251,10 @@ def setup(run: RunConfig, preset: ModelPreset) -> TrainState:
         end_wd=t.weight_decay,
         wd_incr_steps=decay_iters,
         wd_incr_style="constant",
+        # Megatron-LM's resume rule: a schedule that differs from the checkpoint's is refused
+        # unless one of the two flags chooses (checked with a clear message in load_checkpoint).
+        override_opt_param_scheduler=t.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=t.use_checkpoint_opt_param_scheduler,
         wsd_decay_steps=max(1, decay_iters // 10) if t.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style="linear" if t.lr_decay_style == "WSD" else None,
     )
@@ -407,7 +414,8 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
     if state.iteration >= t.train_iters:
         if dist.get_rank() == 0:
             print(f"the run already finished: {start_dir} is at iteration {state.iteration} and "
-                  f"--train-iters is {t.train_iters}; nothing to do (raise --train-iters to continue)",
+                  f"--train-iters is {t.train_iters}; nothing to do (to continue, raise --train-iters "
+                  "and pass --override-opt_param-scheduler for the new schedule)",
                   flush=True)
         return []
     if ck.save and dist.get_rank() == 0:
@@ -466,9 +474,17 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                 )
             update_ok, grad_norm, _ = state.optimizer.step()
             if grad_norm is not None and not math.isfinite(grad_norm):
+                # megatron's fp32 and bf16 optimizers have no loss scaler: the step is applied
+                # with the non-finite gradients, so say so rather than claim it was skipped.
+                last = ckpt.read_tracker(ck.save) if ck.save else None
                 raise TrainingError(
-                    f"iteration {state.iteration + 1}: gradient norm is {grad_norm}; the update was "
-                    "skipped and the last saved checkpoint is intact — lower --lr or check the data"
+                    f"iteration {state.iteration + 1}: gradient norm is {grad_norm}; the optimizer "
+                    "step was applied with it, so the weights in memory are no longer finite and "
+                    "are not saved. "
+                    + (f"The last saved checkpoint (iteration {last} in {ck.save}) is intact — " if last is not None
+                       else "No checkpoint was saved yet — ")
+                    + "lower --lr or check the data (--check-for-nan-in-loss-and-grad names the "
+                    "rank and stops before the step)"
                 )
             state.sync_parameters.mark_stale()
             state.scheduler.step(increment=1)

@@ -283,3 +283,6 @@ def test_nan_gradient_check_can_be_turned_off(corpus):
     with pytest.raises(loop.TrainingError, match="iteration 2: gradient norm is nan") as caught:
         _run(args, wrap_objective=lambda obj, state: _NaNGradientAt(obj, state, at=2))
     assert "before the data-parallel" not in str(caught.value)
+    # What the message says is true: the step was applied, the weights are not finite any more.
+    assert "step was applied" in str(caught.value) and "no longer finite" in str(caught.value)
+    assert "skipped" not in str(caught.value)

@@ -88,7 +88,7 @@ def test_token_id_outside_vocabulary(dataset, tmp_path):
     argv = tiny_run_args(dataset, iters=1)
     argv[argv.index("--vocab-size") + 1] = "40"  # tokenizer ids 0..40
     run = parse_run_config(argv + ["--model-vocab-size", "64"])
-    with pytest.raises(DataError, match=r"token id \d+, outside the model vocabulary \[0, 64\)"):
+    with pytest.raises(DataError, match=r"document \d+ holds token id \d+, outside the tokenizer's vocabulary \[0, 41\)"):
         try:
             run_training(run)
         finally:

@@ -160,3 +160,51 @@ def test_exit_flags_need_save_and_training_needs_lr(base):
     i = argv.index("--lr")
     with pytest.raises(ValueError, match="--lr is required"):
         _train(argv[:i] + argv[i + 2:])
+
+
+def test_a_changed_schedule_on_resume_must_be_chosen(base, tmp_path, capsys):
+    """Megatron-LM's rule: more --train-iters or a new --lr on resume is refused until a flag says
+    whose schedule wins (before, the extra iterations silently kept the old schedule)."""
+    data, _ = base
+    run_dir = str(tmp_path / "run")
+    _train(tiny_run_args(data, iters=2, save=run_dir, load=run_dir))
+    longer = tiny_run_args(data, iters=4, save=run_dir, load=run_dir)
+    longer[longer.index("--lr") + 1] = "2e-3"
+    from megatron_rlp.pretrain import main
+
+    assert main(longer) == 2
+    err = capsys.readouterr().err
+    assert "another learning-rate schedule" in err and "--lr: checkpoint 0.001, flags 0.002" in err
+    assert "--override-opt_param-scheduler" in err and "--use-checkpoint-opt_param-scheduler" in err
+    assert read_tracker(run_dir) == 2  # nothing was trained or written
+
+    import shutil
+
+    kept = str(tmp_path / "kept")
+    shutil.copytree(run_dir, kept)
+    overridden = _train(longer + ["--override-opt_param-scheduler"])
+    assert [h["lr"] for h in overridden] == [2e-3, 2e-3]
+    argv = tiny_run_args(data, iters=4, save=kept, load=kept)
+    argv[argv.index("--lr") + 1] = "2e-3"
+    checkpoint_schedule = _train(argv + ["--use-checkpoint-opt_param-scheduler"])
+    assert [h["lr"] for h in checkpoint_schedule] == [1e-3, 1e-3]
+    with pytest.raises(ValueError, match="contradict each other"):
+        _train(argv + ["--use-checkpoint-opt_param-scheduler", "--override-opt_param-scheduler"])
+
+
+def test_resume_inside_a_sample_batch_finishes_it(base, tmp_path):
+    """--rlp-updates-per-batch 2 stopped after the first update of a batch: the resumed run
+    finishes that batch (same sequences, θ_old and advantages) and keeps the KL reference θ_0."""
+    data, _ = base
+    rlp = dict(rlp=True, rlp_num_thoughts=2, rlp_thought_len=3, rlp_min_context=2,
+               rlp_think_open=NULL_VOCAB - 2, rlp_think_close=NULL_VOCAB - 1,
+               rlp_updates_per_batch=2, rlp_kl_beta=0.1)
+    straight = _train(tiny_run_args(data, iters=4, **rlp))
+    run_dir = str(tmp_path / "run")
+    first = _train(tiny_run_args(data, iters=4, save=run_dir, load=run_dir, exit_interval=1, **rlp))
+    assert [h["iteration"] for h in first] == [1] and read_tracker(run_dir) == 1  # mid-batch
+    resumed = _train(tiny_run_args(data, iters=4, save=run_dir, load=run_dir, **rlp))
+    keys = [k for k in straight[0] if k.startswith("rlp") or k in ("grad_norm", "lr")]
+    assert "rlp/kl" in keys
+    for got, want in zip(first + resumed, straight):
+        assert {k: got[k] for k in keys} == {k: want[k] for k in keys}, got["iteration"]
