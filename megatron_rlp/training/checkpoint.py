@@ -421,8 +421,17 @@ def _check_schedule(scheduler, saved: dict, ckpt: str) -> None:
     if scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler:
         return
     current = scheduler.state_dict()
+    ignore = set()
+    # Lengths that cannot change a constant schedule (e.g. a run resumed with more --train-iters).
+    if saved.get("lr_decay_style") == current["lr_decay_style"] == "constant":
+        ignore.add("lr_decay_steps")
+    if saved.get("wd_incr_style") == current["wd_incr_style"] == "constant":
+        ignore.add("wd_incr_steps")
     diffs = [f"{_SCHEDULE_FLAGS[k]}: checkpoint {saved[k]!r}, flags {current[k]!r}"
-             for k in _SCHEDULE_FLAGS if k in saved and saved[k] != current[k]]
+             for k in _SCHEDULE_FLAGS if k in saved and k not in ignore and saved[k] != current[k]]
+    if not diffs:
+        # megatron-core would still assert on the ignored lengths: they are equivalent, keep its.
+        scheduler.use_checkpoint_opt_param_scheduler = True
     if diffs:
         raise CheckpointError(
             f"{ckpt} was trained with another learning-rate schedule than the flags give ("
