@@ -208,3 +208,27 @@ def test_resume_inside_a_sample_batch_finishes_it(base, tmp_path):
     assert "rlp/kl" in keys
     for got, want in zip(first + resumed, straight):
         assert {k: got[k] for k in keys} == {k: want[k] for k in keys}, got["iteration"]
+
+
+def test_torchrun_forwards_sigusr1_to_the_worker_which_saves(base, tmp_path):
+    """The sbatch examples' torchrun launch: told to handle SIGUSR1 (--signals-to-handle) and to
+    wait for the workers (--shutdown-timeout), torchrun passes slurm's warning to the worker, which
+    saves at the end of its iteration (an unhandled SIGUSR1 would kill torchrun and orphan it)."""
+    data, _ = base
+    save = str(tmp_path / "ckpt")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "1",
+           "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "300",
+           "-m", "megatron_rlp.pretrain", *tiny_run_args(data, iters=500, save=save)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(r"iteration\s+1/", line):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest, _ = proc.communicate(timeout=600)
+    out = "".join(lines) + rest
+    stopped = read_tracker(save)
+    assert stopped is not None and stopped < 500, out[-3000:]
+    assert f"exiting at iteration {stopped} on a termination signal" in out
