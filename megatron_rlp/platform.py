@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 _SHIM_INSTALLED = False
 _DEVICE_MODE: "_CpuDeviceMode | None" = None
+_STRICT_DEVICE = False  # strict device tracking in force (see the "strict device mode" section)
 
 
 def cuda_available() -> bool:
@@ -36,9 +37,12 @@ def cuda_available() -> bool:
 
 
 def device() -> torch.device:
-    """The device this process computes on."""
+    """The device this process computes on.  Under the strict CPU shim it is the 'cuda' request
+    the shim maps to the CPU, so that strict tracking counts the tensors placed there as GPU ones."""
     if cuda_available():
         return torch.device("cuda", torch.cuda.current_device())
+    if _STRICT_DEVICE:
+        return _CUDA_REQUEST
     return torch.device("cpu")
 
 
@@ -275,7 +279,7 @@ def setup_platform() -> torch.device:
         _patch_torch_cuda()
         _patch_tensor_methods()
         _patch_megatron()
-        _DEVICE_MODE = _CpuDeviceMode()
+        _DEVICE_MODE = _CpuDeviceMode() if not strict_device_requested() else _install_strict_device()
         _DEVICE_MODE.__enter__()
         _SHIM_INSTALLED = True
     return torch.device("cpu")
@@ -290,3 +294,228 @@ def cpu_rss_bytes() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict device mode (MEGATRON_RLP_STRICT_DEVICE=1, CPU shim only)
+#
+# On GPUs the training groups are NCCL, which has no CPU backend: a collective on a tensor a CUDA
+# run keeps on the host kills the job, and so does an op mixing host and GPU tensors.  The shim
+# maps 'cuda' to the CPU, which hides both.  Strict mode tracks which tensors a CUDA run would keep
+# on the host and refuses them at the package's collectives (megatron_rlp.collectives) and in
+# torch.cat / torch.stack next to GPU tensors.
+#
+# A tensor is *host* when it carries the `_rlp_host` mark: made by a torch call with no tensor
+# input and no device request but the string 'cpu' (torch.tensor(...), torch.zeros(...) without
+# device=, torch.from_numpy), by `.cpu()`, or by an op whose tensor inputs are all host.
+# Everything else counts as GPU: tensors made from a 'cuda' request (device='cuda' /
+# torch.cuda.current_device() / platform.device() / another tensor's .device, `.cuda()`,
+# `.to('cuda')`), results of ops with any GPU input, Parameters and
+# gradient buffers (megatron allocates them on the current CUDA device), and tensors born outside
+# the mode (autograd's gradients).  In-place ops keep their target's status (a host tensor stays
+# on the host when a GPU value is copied into it).  Groups created with backend='gloo' (megatron's
+# *_gloo groups for CPU objects) are exempt.
+# ---------------------------------------------------------------------------------------------
+STRICT_DEVICE_ENV = "MEGATRON_RLP_STRICT_DEVICE"
+_HOST_MARK = "_rlp_host"
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_GLOO_GROUPS: "weakref.WeakSet" = None  # type: ignore[assignment]
+_CAT_OPS = frozenset({"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack"})
+
+
+class StrictDeviceError(RuntimeError):
+    """A tensor a CUDA run keeps on the host reached a place where NCCL / CUDA needs it on the GPU."""
+
+
+def strict_device_requested() -> bool:
+    return os.environ.get(STRICT_DEVICE_ENV, "0") == "1"
+
+
+def strict_device_enabled() -> bool:
+    """True when the CPU shim tracks host tensors (MEGATRON_RLP_STRICT_DEVICE=1 and no CUDA)."""
+    return _STRICT_DEVICE
+
+
+def _origin_here(what: str) -> tuple:
+    """(what, file, line) of the first frame outside torch and this module: where a host tensor was made."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__
+    ):
+        frame = frame.f_back
+    if frame is None:
+        return (what, "?", 0)
+    return (what, frame.f_code.co_filename, frame.f_lineno)
+
+
+def host_origin(tensor: torch.Tensor):
+    """Where a host tensor was made, ``(call, file, line)``; None for a GPU tensor (strict mode)."""
+    if isinstance(tensor, torch.nn.Parameter):
+        return None
+    return tensor.__dict__.get(_HOST_MARK) if hasattr(tensor, "__dict__") else None
+
+
+def _format_origin(origin: tuple) -> str:
+    what, path, line = origin
+    return f"made by {what} at {path}:{line}"
+
+
+def _is_cpu_fallback_group(group) -> bool:
+    return group is not None and _GLOO_GROUPS is not None and group in _GLOO_GROUPS
+
+
+def check_collective_tensor(op: str, tensor: torch.Tensor, group=None) -> None:
+    """Refuse (strict mode) a host tensor at a collective on a group that is NCCL in a CUDA run."""
+    if not _STRICT_DEVICE or _is_cpu_fallback_group(group):
+        return
+    origin = host_origin(tensor)
+    if origin is not None:
+        raise StrictDeviceError(
+            f"{op}: tensor of shape {tuple(tensor.shape)} ({tensor.dtype}) is {_format_origin(origin)} "
+            "and a CUDA run keeps it on the host; this group is NCCL there and NCCL has no CPU "
+            "backend, so a GPU job dies here. Allocate it with device=megatron_rlp.platform.device() "
+            f"(or move it with .to(platform.device())) before the collective. [{STRICT_DEVICE_ENV}=1]"
+        )
+
+
+def _is_gpu_request(value) -> bool:
+    # A torch.device object counts as a GPU request even when it says 'cpu': on the CPU it is
+    # almost always another tensor's .device (device=x.device), which is 'cuda' in a GPU run.
+    # Only the string 'cpu' (and a missing device) means the host.
+    if isinstance(value, torch.device) or _is_cuda_spec(value):
+        return True
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_cuda_request(args, kwargs) -> bool:
+    dev = kwargs.get("device")
+    if dev is not None and _is_gpu_request(dev):
+        return True
+    return any(isinstance(a, torch.device) or _is_cuda_spec(a) for a in args)
+
+
+def _tensor_inputs(args, kwargs):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    yield b
+    for a in kwargs.values():
+        if isinstance(a, torch.Tensor):
+            yield a
+
+
+def _mark_host(out, origin) -> None:
+    if isinstance(out, torch.Tensor):
+        out.__dict__[_HOST_MARK] = origin
+    elif isinstance(out, (list, tuple)):
+        for t in out:
+            if isinstance(t, torch.Tensor):
+                t.__dict__[_HOST_MARK] = origin
+
+
+class _StrictDeviceMode(_CpuDeviceMode):
+    """The CPU shim's mode plus host/GPU tracking (see the section comment)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # attribute reads (.shape, .grad, .device): nothing to track
+            return super().__torch_function__(func, types, args, kwargs)
+        kwargs = kwargs or {}
+        cuda_request = _is_cuda_request(args, kwargs)
+        origin = None
+        host = not cuda_request
+        n_inputs = 0
+        if host:
+            for t in _tensor_inputs(args, kwargs):
+                n_inputs += 1
+                o = host_origin(t)
+                if o is None:
+                    host = False
+                    break
+                if origin is None:
+                    origin = o
+        if name in _CAT_OPS and not host and not cuda_request:
+            _check_same_side(name, args, kwargs)
+        out = super().__torch_function__(func, types, args, kwargs)
+        if not isinstance(out, (torch.Tensor, list, tuple)):
+            return out
+        if "out" in kwargs or (args and out is args[0] and (name.endswith("_") and not name.endswith("__")
+                                                          or name.startswith("__i"))):
+            return out  # in place: the target keeps its side
+        if name == "cpu":
+            host, origin = True, None
+        if host:
+            if origin is None:
+                origin = _origin_here(f"torch.{name}" if n_inputs == 0 else f".{name}()")
+            if isinstance(out, torch.Tensor) and any(out is t for t in _tensor_inputs(args, kwargs)) \
+                    and host_origin(out) is None:
+                out = out.view_as(out)  # .cpu() of a GPU tensor returned itself on the CPU
+            _mark_host(out, origin)
+        elif isinstance(out, torch.Tensor) and host_origin(out) is not None:
+            out = out.view_as(out)  # .to('cuda') of a host tensor returned itself on the CPU
+        return out
+
+
+def _check_same_side(name, args, kwargs) -> None:
+    """torch.cat / torch.stack need all tensors on one device in a CUDA run."""
+    seq = args[0] if args else kwargs.get("tensors", ())
+    if not isinstance(seq, (list, tuple)):
+        return
+    hosts = [(i, host_origin(t)) for i, t in enumerate(seq) if isinstance(t, torch.Tensor)]
+    on_host = [(i, o) for i, o in hosts if o is not None]
+    if on_host and len(on_host) < len(hosts):
+        i, origin = on_host[0]
+        raise StrictDeviceError(
+            f"torch.{name}: input {i} is {_format_origin(origin)} and a CUDA run keeps it on the host, "
+            "while other inputs are on the GPU; CUDA refuses to mix devices here. Allocate it with "
+            "device=megatron_rlp.platform.device() or derive it from a GPU tensor "
+            f"(e.g. other.new_tensor(...)). [{STRICT_DEVICE_ENV}=1]"
+        )
+
+
+def _install_strict_device() -> "_StrictDeviceMode":
+    """Switch the shim to strict tracking: from_numpy and .cpu()/.cuda() mark their results, and
+    groups created with backend='gloo' are remembered as exempt."""
+    global _STRICT_DEVICE, _GLOO_GROUPS, _CUDA_REQUEST
+    import weakref
+
+    import torch.distributed as dist
+
+    _GLOO_GROUPS = weakref.WeakSet()
+    from_numpy = torch.from_numpy
+
+    def strict_from_numpy(array):
+        out = from_numpy(array)
+        out.__dict__[_HOST_MARK] = _origin_here("torch.from_numpy")
+        return out
+
+    def strict_cuda(self, *args, **kwargs):
+        if host_origin(self) is None:
+            return self
+        moved = self.view_as(self)  # a CUDA run returns a new tensor on the GPU
+        moved.__dict__.pop(_HOST_MARK, None)
+        return moved
+
+    new_group = dist.new_group
+
+    def strict_new_group(*args, **kwargs):
+        group = new_group(*args, **kwargs)
+        backend = kwargs.get("backend", args[2] if len(args) > 2 else None)
+        if group is not None and isinstance(backend, str) and backend.lower().startswith("gloo"):
+            _GLOO_GROUPS.add(group)
+        return group
+
+    _CUDA_REQUEST = torch.device("cuda", 0)  # made before the mode starts (it rewrites 'cuda')
+    torch.from_numpy = strict_from_numpy
+    torch.Tensor.cuda = strict_cuda
+    dist.new_group = strict_new_group
+    _STRICT_DEVICE = True
+    return _StrictDeviceMode()
+
+
+_CUDA_REQUEST = None  # torch.device("cuda", 0), set by _install_strict_device

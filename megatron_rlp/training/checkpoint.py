@@ -26,6 +26,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_rlp import collectives
+
 TRACKER = "latest_checkpointed_iteration.txt"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -118,13 +120,13 @@ def _begin_save(root: str, iteration: int) -> tuple[str, str]:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-    dist.barrier()
+    collectives.barrier()
     return final, tmp
 
 
 def _commit_save(root: str, iteration: int, final: str, tmp: str) -> None:
     """Rename the finished checkpoint into place, then point the tracker at it (atomically)."""
-    dist.barrier()
+    collectives.barrier()
     if dist.get_rank() == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -133,7 +135,7 @@ def _commit_save(root: str, iteration: int, final: str, tmp: str) -> None:
         with open(tracker_tmp, "w") as f:
             f.write(str(iteration))
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    dist.barrier()
+    collectives.barrier()
 
 
 def save_model_checkpoint(root: str, model_chunks, model_signature: dict, iteration: int = 0) -> str:

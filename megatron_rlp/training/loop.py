@@ -36,6 +36,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_rlp import collectives
 from megatron_rlp import config as cfg
 from megatron_rlp.models.init import initialize_layout_invariant
 from megatron_rlp.models.builder import build_model, transformer_config, validate_parallel_layout
@@ -197,15 +198,13 @@ def _reduce_reports(reports: list[dict]) -> dict[str, float]:
     if not reports:
         return {}
     keys = sorted(reports[0])
-    totals = torch.stack([sum(r[k].float() for r in reports) for k in keys])  # [K, 2]
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    totals = torch.stack([sum(r[k].float() for r in reports) for k in keys])  # [K, 2], on the device
+    collectives.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     return {k: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
 
 
 def _broadcast_from_logging_rank(values: dict) -> dict:
-    box = [values]
-    dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
-    return box[0]
+    return collectives.broadcast_object(values, src=dist.get_world_size() - 1)
 
 
 class _PreemptionFlag:
@@ -225,9 +224,8 @@ class _PreemptionFlag:
         self.raised = True
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0])
-        dist.all_reduce(flag)
-        return bool(flag.item())
+        # On the device: the default group is NCCL in a GPU run, and NCCL has no CPU backend.
+        return collectives.any_rank(self.raised)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
