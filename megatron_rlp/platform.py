@@ -363,7 +363,10 @@ def _format_origin(origin: tuple) -> str:
 
 
 def _is_cpu_fallback_group(group) -> bool:
-    return group is not None and _GLOO_GROUPS is not None and group in _GLOO_GROUPS
+    try:
+        return group is not None and _GLOO_GROUPS is not None and group in _GLOO_GROUPS
+    except TypeError:  # not weak-referenceable: not a group we recorded
+        return False
 
 
 def check_collective_tensor(op: str, tensor: torch.Tensor, group=None) -> None:
@@ -409,15 +412,6 @@ def _tensor_inputs(args, kwargs):
             yield a
 
 
-def _mark_host(out, origin) -> None:
-    if isinstance(out, torch.Tensor):
-        out.__dict__[_HOST_MARK] = origin
-    elif isinstance(out, (list, tuple)):
-        for t in out:
-            if isinstance(t, torch.Tensor):
-                t.__dict__[_HOST_MARK] = origin
-
-
 class _StrictDeviceMode(_CpuDeviceMode):
     """The CPU shim's mode plus host/GPU tracking (see the section comment)."""
 
@@ -427,55 +421,119 @@ class _StrictDeviceMode(_CpuDeviceMode):
             return super().__torch_function__(func, types, args, kwargs)
         kwargs = kwargs or {}
         cuda_request = _is_cuda_request(args, kwargs)
-        origin = None
-        host = not cuda_request
-        n_inputs = 0
-        if host:
-            for t in _tensor_inputs(args, kwargs):
-                n_inputs += 1
-                o = host_origin(t)
-                if o is None:
-                    host = False
-                    break
-                if origin is None:
-                    origin = o
-        if name in _CAT_OPS and not host and not cuda_request:
-            _check_same_side(name, args, kwargs)
+        origin = None  # of the first host input
+        all_host, any_gpu, n_inputs = True, False, 0
+        for t in _tensor_inputs(args, kwargs):
+            n_inputs += 1
+            mark = t.__dict__.get(_HOST_MARK, _UNSEEN)
+            if mark is None or mark is _UNSEEN or isinstance(t, torch.nn.Parameter):
+                all_host = False
+                any_gpu = any_gpu or mark is None or isinstance(t, torch.nn.Parameter)
+            elif origin is None:
+                origin = mark
+        if any_gpu and origin is not None and not cuda_request and name not in _MIXING_ALLOWED:
+            _check_same_device(name, args, kwargs)
         out = super().__torch_function__(func, types, args, kwargs)
         if not isinstance(out, (torch.Tensor, list, tuple)):
             return out
         if "out" in kwargs or (args and out is args[0] and (name.endswith("_") and not name.endswith("__")
                                                           or name.startswith("__i"))):
             return out  # in place: the target keeps its side
-        if name == "cpu":
-            host, origin = True, None
+        host = (all_host and not cuda_request) or name == "cpu"
         if host:
-            if origin is None:
+            if origin is None or name == "cpu":
                 origin = _origin_here(f"torch.{name}" if n_inputs == 0 else f".{name}()")
-            if isinstance(out, torch.Tensor) and any(out is t for t in _tensor_inputs(args, kwargs)) \
-                    and host_origin(out) is None:
+            if isinstance(out, torch.Tensor) and host_origin(out) is None and \
+                    any(out is t for t in _tensor_inputs(args, kwargs)):
                 out = out.view_as(out)  # .cpu() of a GPU tensor returned itself on the CPU
-            _mark_host(out, origin)
-        elif isinstance(out, torch.Tensor) and host_origin(out) is not None:
-            out = out.view_as(out)  # .to('cuda') of a host tensor returned itself on the CPU
+            _mark(out, origin)
+        else:
+            if isinstance(out, torch.Tensor) and host_origin(out) is not None:
+                out = out.view_as(out)  # .to('cuda') of a host tensor returned itself on the CPU
+            _mark(out, None)
         return out
 
 
-def _check_same_side(name, args, kwargs) -> None:
-    """torch.cat / torch.stack need all tensors on one device in a CUDA run."""
-    seq = args[0] if args else kwargs.get("tensors", ())
-    if not isinstance(seq, (list, tuple)):
-        return
-    hosts = [(i, host_origin(t)) for i, t in enumerate(seq) if isinstance(t, torch.Tensor)]
-    on_host = [(i, o) for i, o in hosts if o is not None]
-    if on_host and len(on_host) < len(hosts):
-        i, origin = on_host[0]
-        raise StrictDeviceError(
-            f"torch.{name}: input {i} is {_format_origin(origin)} and a CUDA run keeps it on the host, "
-            "while other inputs are on the GPU; CUDA refuses to mix devices here. Allocate it with "
-            "device=megatron_rlp.platform.device() or derive it from a GPU tensor "
-            f"(e.g. other.new_tensor(...)). [{STRICT_DEVICE_ENV}=1]"
-        )
+_UNSEEN = object()
+# Ops where CUDA accepts a host tensor next to GPU ones (copies across devices, CPU indices).
+_MIXING_ALLOWED = frozenset({
+    "__getitem__", "__setitem__", "copy_", "to", "type_as", "new_tensor", "tensor", "as_tensor",
+    "set_", "index_put_", "index_put",
+})
+
+
+def _mark(out, origin) -> None:
+    """Record the side of a fresh result: origin of a host tensor, None for a GPU one."""
+    if isinstance(out, torch.Tensor):
+        out.__dict__[_HOST_MARK] = origin
+    elif isinstance(out, (list, tuple)):
+        for t in out:
+            if isinstance(t, torch.Tensor):
+                t.__dict__[_HOST_MARK] = origin
+
+
+def _check_same_device(name, args, kwargs) -> None:
+    """A CUDA run refuses to mix a host tensor with GPU ones, except a 0-dim one in elementwise
+    math (cat / stack take none)."""
+    for i, t in enumerate(_tensor_inputs(args, kwargs)):
+        origin = host_origin(t)
+        if origin is not None and (t.dim() > 0 or name in _CAT_OPS):
+            raise StrictDeviceError(
+                f"{name}: tensor input {i} of shape {tuple(t.shape)} is {_format_origin(origin)} and a "
+                "CUDA run keeps it on the host, while other inputs are on the GPU; CUDA refuses to mix "
+                "devices here. Allocate it with device=megatron_rlp.platform.device() (or derive it "
+                f"from a GPU tensor, e.g. other.new_tensor(...)). [{STRICT_DEVICE_ENV}=1]"
+            )
+
+
+# torch.distributed calls whose tensors a CUDA run sends through NCCL: argument positions / names
+# holding tensors (or lists of them).  Patched on the torch.distributed module, so megatron-core's
+# calls are checked too; torch's own internals (object collectives, which pick their device from
+# the backend) call the c10d functions directly and are not.
+_TENSOR_CALLS = {
+    "all_reduce": ("tensor",), "broadcast": ("tensor",), "reduce": ("tensor",),
+    "all_gather": ("tensor_list", "tensor"), "all_gather_into_tensor": ("output_tensor", "input_tensor"),
+    "reduce_scatter": ("output", "input_list"), "reduce_scatter_tensor": ("output", "input"),
+    "all_to_all_single": ("output", "input"),
+    # isend / irecv stay unpatched: P2POp accepts only the original functions
+    "send": ("tensor",), "recv": ("tensor",),
+}
+
+
+def _check_distributed_calls(dist) -> None:
+    import functools
+    import inspect
+
+    def checked(name, fn, params):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            group = bound.get("group")
+            for p in params:
+                value = bound.get(p)
+                for t in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(t, torch.Tensor):
+                        check_collective_tensor(f"torch.distributed.{name}", t, group)
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name, params in _TENSOR_CALLS.items():
+        fn = getattr(dist, name, None)
+        if fn is not None:
+            setattr(dist, name, checked(name, fn, params))
+
+    batch = dist.batch_isend_irecv
+
+    @functools.wraps(batch)
+    def batch_isend_irecv(p2p_op_list):
+        for op in p2p_op_list:
+            check_collective_tensor("torch.distributed.batch_isend_irecv", op.tensor, op.group)
+        return batch(p2p_op_list)
+
+    dist.batch_isend_irecv = batch_isend_irecv
 
 
 def _install_strict_device() -> "_StrictDeviceMode":
@@ -506,7 +564,8 @@ def _install_strict_device() -> "_StrictDeviceMode":
     def strict_new_group(*args, **kwargs):
         group = new_group(*args, **kwargs)
         backend = kwargs.get("backend", args[2] if len(args) > 2 else None)
-        if group is not None and isinstance(backend, str) and backend.lower().startswith("gloo"):
+        # (non-members get a sentinel int, not a group)
+        if isinstance(group, dist.ProcessGroup) and isinstance(backend, str) and backend.lower().startswith("gloo"):
             _GLOO_GROUPS.add(group)
         return group
 
@@ -514,8 +573,16 @@ def _install_strict_device() -> "_StrictDeviceMode":
     torch.from_numpy = strict_from_numpy
     torch.Tensor.cuda = strict_cuda
     dist.new_group = strict_new_group
+    _check_distributed_calls(dist)
     _STRICT_DEVICE = True
     return _StrictDeviceMode()
 
 
 _CUDA_REQUEST = None  # torch.device("cuda", 0), set by _install_strict_device
+
+
+def to_device(batch: dict) -> dict:
+    """The batch's tensors on :func:`device` (micro-batches are built on the host; the model, the
+    loss and the collectives that reduce its report need them on the GPU)."""
+    where = device()
+    return {k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

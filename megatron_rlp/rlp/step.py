@@ -36,6 +36,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_rlp import platform
 from megatron_rlp.kernels import linear_logprob
 from megatron_rlp.rlp.config import RLPConfig, resolve_markers, validate_rlp_config
 from megatron_rlp.rlp.ema import EMATeacher
@@ -85,6 +86,9 @@ def build_update_sequences(
     micro-batch of a step to one length (pipeline stages exchange fixed-shape activations).
     """
     n, g, lmax = closed_tokens.shape
+    # Built on the host, row by row (the caller moves the finished batch to the device).
+    doc_index, position, closed_tokens, closed_lengths, forced = (
+        x.cpu() for x in (doc_index, position, closed_tokens, closed_lengths, forced))
     rows = []
     for i in range(n):
         doc = documents[int(doc_index[i])]
@@ -185,7 +189,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
 
     maskf = mask.float()
     n_tok = maskf.sum()
-    ones = torch.tensor(float(b))
+    ones = loss.new_tensor(float(b))  # report values live on the loss's device (NCCL all-reduce)
     report = {
         "rlp loss": torch.stack([loss.detach() * b, ones]),
         "rlp/clip_frac": torch.stack([stats["clip_frac"] * n_tok, n_tok]),
@@ -193,7 +197,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
         "rlp/policy_entropy": torch.stack([(entropy[:, :-1].detach() * maskf).sum(), n_tok]),
         "rlp/thought_len_mean": torch.stack([batch["closed_len"].float().sum(), ones]),
         "rlp/forced_close_frac": torch.stack([batch["forced"].float().sum(), ones]),
-        "rlp/advantage_std": torch.stack([advantages.float().view(n_ctx, g).std(dim=1, unbiased=False).sum(), torch.tensor(float(n_ctx))]),
+        "rlp/advantage_std": torch.stack([advantages.float().view(n_ctx, g).std(dim=1, unbiased=False).sum(), loss.new_tensor(float(n_ctx))]),
         "rlp/s_pred": torch.stack([s_pred.float().sum(), ones]),
         "rlp/sample_logprob_drift": torch.stack([((logp_thought.detach() - batch["logp_sample"]).abs() * maskf).sum(), n_tok]),
     }
@@ -206,8 +210,8 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
         # info_gain: the gain of the thought-averaged predictor, log mean_i p(x_t | c_i) − S_ema.
         mixture = torch.logsumexp(s_pred.float().view(n_ctx, g), dim=1) - math.log(g)
         report["rlp/reward_mean"] = torch.stack([reward.sum(), ones])
-        report["rlp/info_gain"] = torch.stack([(mixture - batch["s_ema"]).sum(), torch.tensor(float(n_ctx))])
-        report["rlp/s_ema"] = torch.stack([batch["s_ema"].sum(), torch.tensor(float(n_ctx))])
+        report["rlp/info_gain"] = torch.stack([(mixture - batch["s_ema"]).sum(), loss.new_tensor(float(n_ctx))])
+        report["rlp/s_ema"] = torch.stack([batch["s_ema"].sum(), loss.new_tensor(float(n_ctx))])
         batch["rewards"] = reward.reshape(b)
     return loss, report
 
@@ -282,8 +286,9 @@ class RLPObjective:
                 tokens[r, : len(docs[i]) - 1] = docs[i][:-1]
                 slots[r] = torch.tensor(positions[i]) - 1
             targets = torch.stack([docs[i][torch.tensor(positions[i])] for i in chunk])
-            batches.append({"tokens": tokens, "position_ids": torch.arange(width).expand(len(chunk), -1),
-                            "slots": slots, "targets": targets})
+            batches.append(platform.to_device({
+                "tokens": tokens, "position_ids": torch.arange(width).expand(len(chunk), -1),
+                "slots": slots, "targets": targets}))
         with self.teacher.swap_into(self.models), torch.no_grad():
             outputs = self._forward_only(batches, partial(_score_slots_loss, vocab_size=self.vocab_size))
         if not parallel_state.is_pipeline_last_stage():
@@ -360,6 +365,7 @@ class RLPObjective:
             mb["logp_sample"] = sample_lp
             if s_ema is not None and s_ema.numel():
                 mb["s_ema"] = s_ema[ctx].float()
+            mb = platform.to_device(mb)
             microbatches.append(mb)
             self._last_tokens += mb["tokens"].numel()
             self._last_seq = mb["tokens"].shape[1]
