@@ -314,7 +314,8 @@ def cpu_rss_bytes() -> int:
 # gradient buffers (megatron allocates them on the current CUDA device), and tensors born outside
 # the mode (autograd's gradients).  In-place ops keep their target's status (a host tensor stays
 # on the host when a GPU value is copied into it).  Groups created with backend='gloo' (megatron's
-# *_gloo groups for CPU objects) are exempt.
+# *_gloo groups for CPU objects) are exempt.  Mixed host/GPU ops are refused for host tensors the
+# package itself made (tests and megatron-core hand the model inputs of their own).
 # ---------------------------------------------------------------------------------------------
 STRICT_DEVICE_ENV = "MEGATRON_RLP_STRICT_DEVICE"
 _HOST_MARK = "_rlp_host"
@@ -369,12 +370,14 @@ def _is_cpu_fallback_group(group) -> bool:
         return False
 
 
-def check_collective_tensor(op: str, tensor: torch.Tensor, group=None) -> None:
-    """Refuse (strict mode) a host tensor at a collective on a group that is NCCL in a CUDA run."""
+def check_collective_tensor(op: str, tensor: torch.Tensor, group=None, own_code_only: bool = False) -> None:
+    """Refuse (strict mode) a host tensor at a collective on a group that is NCCL in a CUDA run.
+    ``own_code_only``: only tensors the package or the tools made (direct torch.distributed calls
+    of megatron-core and of test harnesses are theirs to keep)."""
     if not _STRICT_DEVICE or _is_cpu_fallback_group(group):
         return
     origin = host_origin(tensor)
-    if origin is not None:
+    if origin is not None and (not own_code_only or origin[1].startswith(_OWN_CODE)):
         raise StrictDeviceError(
             f"{op}: tensor of shape {tuple(tensor.shape)} ({tensor.dtype}) is {_format_origin(origin)} "
             "and a CUDA run keeps it on the host; this group is NCCL there and NCCL has no CPU "
@@ -431,7 +434,9 @@ class _StrictDeviceMode(_CpuDeviceMode):
                 any_gpu = any_gpu or mark is None or isinstance(t, torch.nn.Parameter)
             elif origin is None:
                 origin = mark
-        if any_gpu and origin is not None and not cuda_request and name not in _MIXING_ALLOWED:
+        if any_gpu and origin is not None and not cuda_request and name not in _MIXING_ALLOWED \
+                and not getattr(func, "__module__", "").startswith("torch.distributed"):
+            # (collectives are checked per group by check_collective_tensor)
             _check_same_device(name, args, kwargs)
         out = super().__torch_function__(func, types, args, kwargs)
         if not isinstance(out, (torch.Tensor, list, tuple)):
@@ -472,12 +477,17 @@ def _mark(out, origin) -> None:
                 t.__dict__[_HOST_MARK] = origin
 
 
+_OWN_CODE = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+             os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools") + os.sep)
+
+
 def _check_same_device(name, args, kwargs) -> None:
     """A CUDA run refuses to mix a host tensor with GPU ones, except a 0-dim one in elementwise
-    math (cat / stack take none)."""
+    math (cat / stack take none).  Checked for host tensors made by the package and the tools:
+    the discipline of their own code (tests and megatron-core hand in inputs of their own)."""
     for i, t in enumerate(_tensor_inputs(args, kwargs)):
         origin = host_origin(t)
-        if origin is not None and (t.dim() > 0 or name in _CAT_OPS):
+        if origin is not None and (t.dim() > 0 or name in _CAT_OPS) and origin[1].startswith(_OWN_CODE):
             raise StrictDeviceError(
                 f"{name}: tensor input {i} of shape {tuple(t.shape)} is {_format_origin(origin)} and a "
                 "CUDA run keeps it on the host, while other inputs are on the GPU; CUDA refuses to mix "
@@ -515,7 +525,7 @@ def _check_distributed_calls(dist) -> None:
                 value = bound.get(p)
                 for t in value if isinstance(value, (list, tuple)) else (value,):
                     if isinstance(t, torch.Tensor):
-                        check_collective_tensor(f"torch.distributed.{name}", t, group)
+                        check_collective_tensor(f"torch.distributed.{name}", t, group, own_code_only=True)
             return fn(*args, **kwargs)
 
         return call
@@ -530,7 +540,8 @@ def _check_distributed_calls(dist) -> None:
     @functools.wraps(batch)
     def batch_isend_irecv(p2p_op_list):
         for op in p2p_op_list:
-            check_collective_tensor("torch.distributed.batch_isend_irecv", op.tensor, op.group)
+            check_collective_tensor("torch.distributed.batch_isend_irecv", op.tensor, op.group,
+                                    own_code_only=True)
         return batch(p2p_op_list)
 
     dist.batch_isend_irecv = batch_isend_irecv

@@ -11,7 +11,35 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_rlp import collectives, platform
+from megatron_rlp.rlp import step
+from megatron_rlp.training import loop
 from megatron_rlp.training.loop import _PreemptionFlag, _reduce_reports
+
+
+# Code before the fix, verbatim, compiled under the file name of the module it lived in, so that
+# strict mode treats it as the package's own code (it polices mixed host/GPU ops and direct
+# torch.distributed calls for tensors the package made; the collectives helper for all tensors).
+OLD_ANY_RANK = """
+def any_rank(raised):
+    flag = torch.tensor([1.0 if raised else 0.0])
+    dist.all_reduce(flag)
+    return bool(flag.item())
+"""
+OLD_RLP_REPORT = """
+def report(loss, b):
+    ones = torch.tensor(float(b))
+    return {"rlp loss": torch.stack([loss.detach() * b, ones])}
+"""
+HOST_OPERAND = """
+def scale(weight):
+    return weight * torch.ones(weight.shape)
+"""
+
+
+def _as_package_code(source, module, name):
+    namespace = {"torch": torch, "dist": dist}
+    exec(compile(source, module.__file__, "exec"), namespace)
+    return namespace[name]
 
 
 def test_launch_runs_in_strict_mode():
@@ -26,9 +54,12 @@ def test_host_tensor_all_reduce_on_default_group_is_refused(model_parallel):
     flag = torch.tensor([0.0])  # what the old any_rank built
     with pytest.raises(platform.StrictDeviceError, match=r"all_reduce.*torch\.tensor at .*test_strict_device\.py"):
         collectives.all_reduce(flag)
-    # the direct torch.distributed call of the old code is refused as well
-    with pytest.raises(platform.StrictDeviceError, match=r"torch\.distributed\.all_reduce"):
-        dist.all_reduce(flag)
+    # the old code called torch.distributed directly (the AST test forbids that now); strict mode
+    # refuses that call too for tensors the package made
+    old_any_rank = _as_package_code(OLD_ANY_RANK, loop, "any_rank")
+    with pytest.raises(platform.StrictDeviceError,
+                       match=r"torch\.distributed\.all_reduce.*made by torch\.tensor at .*loop\.py"):
+        old_any_rank(False)
 
 
 def test_device_tensors_pass_and_reduce(model_parallel):
@@ -52,8 +83,9 @@ def test_report_reduction_takes_device_values_and_refuses_host_ones(model_parall
     good = [{"lm loss": torch.stack([loss, loss.new_tensor(1.0)])}]
     assert _reduce_reports(good)["lm loss"] == pytest.approx(2.0)
     # the old RLP report: a host count stacked with a device value
-    with pytest.raises(platform.StrictDeviceError, match="stack"):
-        torch.stack([loss, torch.tensor(1.0)])
+    old_report = _as_package_code(OLD_RLP_REPORT, step, "report")
+    with pytest.raises(platform.StrictDeviceError, match=r"stack: .*torch\.tensor at .*step\.py"):
+        old_report(loss, 4)
     with pytest.raises(platform.StrictDeviceError, match="all_reduce"):
         _reduce_reports([{"lm loss": torch.tensor([2.0, 1.0])}])
 
@@ -67,7 +99,7 @@ def test_parameters_results_and_grad_buffers_count_as_gpu(model_parallel):
     buffer = torch.zeros(4, device=torch.cuda.current_device())  # how megatron allocates grad buffers
     collectives.all_reduce(buffer[:2])
     with pytest.raises(platform.StrictDeviceError, match="mul"):
-        weight * torch.ones(3)  # a host operand next to a GPU one, as CUDA would refuse
+        _as_package_code(HOST_OPERAND, step, "scale")(weight)  # CUDA refuses a host operand here
     # a host tensor stays on the host when a device value is copied into it
     host = torch.zeros(3)
     host.copy_(weight.detach())
