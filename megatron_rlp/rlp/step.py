@@ -155,7 +155,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
 
     # One kernel call: the thought tokens (with grad) and the x_t slot after the thought.
     slots = torch.cat([batch["thought_slot"], batch["target_slot"][:, None]], dim=1)  # [B, L+2]
-    valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+    valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool, device=hidden.device)], dim=1)
     targets = torch.where(valid, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
     rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
     logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True, vocab_size=vocab_size)
@@ -173,7 +173,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
 
     ntp_kwargs = {}
     if config.rlp_ntp_weight > 0:
-        ctx_slots = torch.arange(batch["labels"].shape[1]).expand(b, -1)
+        ctx_slots = torch.arange(batch["labels"].shape[1], device=hidden.device).expand(b, -1)
         ctx_mask = ctx_slots < batch["context_len"][:, None]
         ctx_targets = torch.where(ctx_mask, batch["labels"], torch.full_like(batch["labels"], IGNORE))
         ctx_logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight, ctx_targets.reshape(-1), tp_group,
@@ -426,7 +426,7 @@ def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_siz
     rows = _gather_rows(hidden, batch["slots"]).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), batch["targets"].reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
-    return torch.zeros((), requires_grad=False), {"logp": logp.detach()}
+    return logp.new_zeros(()), {"logp": logp.detach()}
 
 
 def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
@@ -436,7 +436,7 @@ def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_
     rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
-    return torch.zeros(()), {"logp": logp.detach().view(slots.shape)}
+    return logp.new_zeros(()), {"logp": logp.detach().view(slots.shape)}
 
 
 def _sample_seed(seed: int, batch_index: int, dp_rank: int) -> int:
