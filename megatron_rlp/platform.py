@@ -402,21 +402,22 @@ def _is_cuda_request(args, kwargs) -> bool:
     return any(isinstance(a, torch.device) or _is_cuda_spec(a) for a in args)
 
 
-def _tensor_inputs(args, kwargs):
+def _tensor_inputs(args, kwargs) -> list:
+    found = []
     for a in args:
         if isinstance(a, torch.Tensor):
-            yield a
+            found.append(a)
         elif isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, torch.Tensor):
-                    yield b
-    for a in kwargs.values():
-        if isinstance(a, torch.Tensor):
-            yield a
+            found.extend(b for b in a if isinstance(b, torch.Tensor))
+    if kwargs:
+        found.extend(a for a in kwargs.values() if isinstance(a, torch.Tensor))
+    return found
 
 
 class _StrictDeviceMode(_CpuDeviceMode):
-    """The CPU shim's mode plus host/GPU tracking (see the section comment)."""
+    """The CPU shim's mode plus host tracking (see the section comment).  Only host results are
+    marked; a tensor without the mark counts as GPU, so the common all-GPU op costs one dict
+    lookup per input."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
@@ -424,42 +425,41 @@ class _StrictDeviceMode(_CpuDeviceMode):
             return super().__torch_function__(func, types, args, kwargs)
         kwargs = kwargs or {}
         cuda_request = _is_cuda_request(args, kwargs)
+        inputs = _tensor_inputs(args, kwargs)
         origin = None  # of the first host input
-        all_host, any_gpu, n_inputs = True, False, 0
-        for t in _tensor_inputs(args, kwargs):
-            n_inputs += 1
-            mark = t.__dict__.get(_HOST_MARK, _UNSEEN)
-            if mark is None or mark is _UNSEEN or isinstance(t, torch.nn.Parameter):
-                all_host = False
-                any_gpu = any_gpu or mark is None or isinstance(t, torch.nn.Parameter)
-            elif origin is None:
-                origin = mark
+        all_host = any_gpu = False
+        if inputs:
+            all_host = True
+            for t in inputs:
+                mark = t.__dict__.get(_HOST_MARK) if type(t) is not torch.nn.Parameter else None
+                if mark is None:
+                    all_host, any_gpu = False, True
+                elif origin is None:
+                    origin = mark
         if any_gpu and origin is not None and not cuda_request and name not in _MIXING_ALLOWED \
                 and not getattr(func, "__module__", "").startswith("torch.distributed"):
             # (collectives are checked per group by check_collective_tensor)
-            _check_same_device(name, args, kwargs)
+            _check_same_device(name, inputs)
         out = super().__torch_function__(func, types, args, kwargs)
         if not isinstance(out, (torch.Tensor, list, tuple)):
             return out
         if "out" in kwargs or (args and out is args[0] and (name.endswith("_") and not name.endswith("__")
                                                           or name.startswith("__i"))):
             return out  # in place: the target keeps its side
-        host = (all_host and not cuda_request) or name == "cpu"
-        if host:
-            if origin is None or name == "cpu":
-                origin = _origin_here(f"torch.{name}" if n_inputs == 0 else f".{name}()")
-            if isinstance(out, torch.Tensor) and host_origin(out) is None and \
-                    any(out is t for t in _tensor_inputs(args, kwargs)):
-                out = out.view_as(out)  # .cpu() of a GPU tensor returned itself on the CPU
-            _mark(out, origin)
-        else:
-            if isinstance(out, torch.Tensor) and host_origin(out) is not None:
+        if name == "cpu":
+            origin = _origin_here(".cpu()")
+        elif cuda_request or not (all_host or not inputs):
+            if isinstance(out, torch.Tensor) and out.__dict__.get(_HOST_MARK) is not None:
                 out = out.view_as(out)  # .to('cuda') of a host tensor returned itself on the CPU
-            _mark(out, None)
+            return out
+        elif origin is None:
+            origin = _origin_here(f"torch.{name}")
+        if isinstance(out, torch.Tensor) and host_origin(out) is None and any(out is t for t in inputs):
+            out = out.view_as(out)  # .cpu() of a GPU tensor returned itself on the CPU
+        _mark_host(out, origin)
         return out
 
 
-_UNSEEN = object()
 # Ops where CUDA accepts a host tensor next to GPU ones (copies across devices, CPU indices).
 _MIXING_ALLOWED = frozenset({
     "__getitem__", "__setitem__", "copy_", "to", "type_as", "new_tensor", "tensor", "as_tensor",
@@ -467,8 +467,7 @@ _MIXING_ALLOWED = frozenset({
 })
 
 
-def _mark(out, origin) -> None:
-    """Record the side of a fresh result: origin of a host tensor, None for a GPU one."""
+def _mark_host(out, origin) -> None:
     if isinstance(out, torch.Tensor):
         out.__dict__[_HOST_MARK] = origin
     elif isinstance(out, (list, tuple)):
@@ -481,11 +480,11 @@ _OWN_CODE = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
              os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools") + os.sep)
 
 
-def _check_same_device(name, args, kwargs) -> None:
+def _check_same_device(name, inputs) -> None:
     """A CUDA run refuses to mix a host tensor with GPU ones, except a 0-dim one in elementwise
     math (cat / stack take none).  Checked for host tensors made by the package and the tools:
     the discipline of their own code (tests and megatron-core hand in inputs of their own)."""
-    for i, t in enumerate(_tensor_inputs(args, kwargs)):
+    for i, t in enumerate(inputs):
         origin = host_origin(t)
         if origin is not None and (t.dim() > 0 or name in _CAT_OPS) and origin[1].startswith(_OWN_CODE):
             raise StrictDeviceError(
