@@ -42,11 +42,16 @@ def _as_package_code(source, module, name):
     return namespace[name]
 
 
+strict_only = pytest.mark.skipif(not platform.strict_device_enabled(),
+                                 reason="needs MEGATRON_RLP_STRICT_DEVICE=1 (test_launch_runs_in_strict_mode fails)")
+
+
 def test_launch_runs_in_strict_mode():
     assert platform.strict_device_enabled(), (
         "tests/distributed must run with MEGATRON_RLP_STRICT_DEVICE=1 (make test sets it)")
 
 
+@strict_only
 def test_host_tensor_all_reduce_on_default_group_is_refused(model_parallel):
     """The original defect: _PreemptionFlag.any_rank all-reduced torch.tensor([...]) (host) on
     the default group, which is NCCL on GPUs — every GPU job died after iteration 1."""
@@ -62,6 +67,7 @@ def test_host_tensor_all_reduce_on_default_group_is_refused(model_parallel):
         old_any_rank(False)
 
 
+@strict_only
 def test_device_tensors_pass_and_reduce(model_parallel):
     model_parallel(1, 1)
     rank = dist.get_rank()
@@ -77,6 +83,7 @@ def test_device_tensors_pass_and_reduce(model_parallel):
     assert flag.any_rank() is True
 
 
+@strict_only
 def test_report_reduction_takes_device_values_and_refuses_host_ones(model_parallel):
     model_parallel(1, 1)
     loss = torch.tensor(2.0, device=platform.device())
@@ -90,6 +97,7 @@ def test_report_reduction_takes_device_values_and_refuses_host_ones(model_parall
         _reduce_reports([{"lm loss": torch.tensor([2.0, 1.0])}])
 
 
+@strict_only
 def test_parameters_results_and_grad_buffers_count_as_gpu(model_parallel):
     model_parallel(1, 1)
     weight = torch.nn.Parameter(torch.ones(3))
@@ -107,6 +115,7 @@ def test_parameters_results_and_grad_buffers_count_as_gpu(model_parallel):
         collectives.broadcast(host, src=0)
 
 
+@strict_only
 def test_gloo_groups_for_cpu_objects_are_exempt(model_parallel):
     model_parallel(1, 1)
     gloo = parallel_state.get_data_parallel_group_gloo()
