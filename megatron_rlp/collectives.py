@@ -30,11 +30,6 @@ def _check(op: str, tensors, group) -> None:
             platform.check_collective_tensor(op, t, group)
 
 
-def scalar_tensor(values, dtype=torch.float32) -> torch.Tensor:
-    """A small tensor of Python numbers on the platform's device (what a collective may take)."""
-    return torch.tensor(values, dtype=dtype, device=platform.device())
-
-
 def all_reduce(tensor: torch.Tensor, op=ReduceOp.SUM, group=None) -> torch.Tensor:
     """In-place all-reduce; returns ``tensor``."""
     _check("all_reduce", [tensor], group)
@@ -44,7 +39,7 @@ def all_reduce(tensor: torch.Tensor, op=ReduceOp.SUM, group=None) -> torch.Tenso
 
 def any_rank(flag: bool, group=None) -> bool:
     """True on every rank when ``flag`` is true on any rank of ``group`` (default: the world)."""
-    box = scalar_tensor([1.0 if flag else 0.0])
+    box = torch.tensor([1.0 if flag else 0.0], device=platform.device())
     all_reduce(box, op=ReduceOp.MAX, group=group)
     return bool(box.item())
 
@@ -99,28 +94,8 @@ def broadcast_object(obj: Any, src: int, group=None) -> Any:
     return box[0]
 
 
-def world_size(group=None) -> int:
-    return dist.get_world_size(group=group)
-
-
-def rank(group=None) -> int:
-    return dist.get_rank(group=group)
-
-
-def initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def group_world_and_rank(group) -> tuple[int, int]:
-    """(world size, rank) in ``group``; (1, 0) without a group or outside torch.distributed."""
-    if group is None or not initialized():
-        return 1, 0
-    return dist.get_world_size(group=group), dist.get_rank(group=group)
-
-
 __all__ = [
-    "ReduceOp", "scalar_tensor", "all_reduce", "any_rank", "broadcast", "all_gather",
-    "all_gather_into_tensor", "isend", "recv", "barrier", "broadcast_object", "world_size", "rank",
-    "initialized", "group_world_and_rank",
+    "ReduceOp", "all_reduce", "any_rank", "broadcast", "all_gather", "all_gather_into_tensor",
+    "isend", "recv", "barrier", "broadcast_object",
 ]
 
