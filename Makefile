@@ -27,9 +27,10 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) tests/unit tests/functional
 
 # One torchrun launch per world size; each test picks its world size with a marker.
+# Strict device mode: a tensor a CUDA run keeps on the host fails at NCCL collectives here too.
 test-distributed: $(STAMP)
-	$(TORCHRUN) --nproc_per_node 2 -m pytest $(PYTEST_FLAGS) tests/distributed
-	$(TORCHRUN) --nproc_per_node 4 -m pytest $(PYTEST_FLAGS) tests/distributed
+	MEGATRON_RLP_STRICT_DEVICE=1 $(TORCHRUN) --nproc_per_node 2 -m pytest $(PYTEST_FLAGS) tests/distributed
+	MEGATRON_RLP_STRICT_DEVICE=1 $(TORCHRUN) --nproc_per_node 4 -m pytest $(PYTEST_FLAGS) tests/distributed
 
 test: test-unit test-distributed
 

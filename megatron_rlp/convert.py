@@ -480,18 +480,16 @@ def _broadcast(value: Any) -> Any:
     """Rank 0's value on every rank (identity outside a multi-rank job)."""
     if not _collective():
         return value
-    import torch.distributed as dist
+    from megatron_rlp import collectives
 
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return collectives.broadcast_object(value, src=0)
 
 
 def _barrier() -> None:
     if _collective():
-        import torch.distributed as dist
+        from megatron_rlp import collectives
 
-        dist.barrier()
+        collectives.barrier()
 
 
 def _make_staging_dir(final: str, overwrite: bool, inputs: Sequence[str]) -> str:
@@ -771,7 +769,9 @@ def _worker_main(rank: int, job: _Job, world_size: int, init_file: str, err_dir:
         from megatron_rlp.training import parallel
 
         parallel.destroy()
-    dist.barrier()
+    from megatron_rlp import collectives
+
+    collectives.barrier()
     dist.destroy_process_group()
 
 

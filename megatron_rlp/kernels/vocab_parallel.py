@@ -40,6 +40,8 @@ from typing import Optional, Protocol
 import torch
 import torch.distributed as dist
 
+from megatron_rlp import collectives
+
 DEFAULT_IGNORE_INDEX = -100
 
 
@@ -65,11 +67,7 @@ def local_targets(
 def _all_gather_packed(stats: torch.Tensor, tp_group, world_size: int) -> torch.Tensor:
     """[N, k] per rank -> [world, N, k]: the single collective of the forward pass."""
     n, k = stats.shape
-    # the concatenated [world * N, k] output form is the one every backend (gloo too) accepts
-    out = torch.empty(world_size * n, k, dtype=stats.dtype, device=stats.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, stats.contiguous(), group=tp_group)
-    return out.view(world_size, n, k)
+    return collectives.all_gather_into_tensor(stats, group=tp_group).view(world_size, n, k)
 
 
 def gather_shard_stats(stats: torch.Tensor, tp_group) -> torch.Tensor:
@@ -213,7 +211,7 @@ class LinearLogprobFunction(torch.autograd.Function):
             grad_w = full
         _, world = tp_rank_and_size(ctx.tp_group)
         if needs_h and world > 1 and ctx.reduce_hidden_grad:
-            dist.all_reduce(grad_h, group=ctx.tp_group)
+            collectives.all_reduce(grad_h, group=ctx.tp_group)
         return (
             grad_h.to(hidden.dtype) if needs_h else None,
             grad_w.to(weight.dtype) if needs_w else None,

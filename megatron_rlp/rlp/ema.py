@@ -177,6 +177,7 @@ class EMATeacher:
         """
         self._require_initialized("gap")
         pairs = self._paired(modules)
+        # On θ's device: the sums are all-reduced, and NCCL takes no host tensors.
         device = pairs[0][1].device if pairs else torch.device("cpu")
         sums = torch.zeros(2, dtype=torch.float64, device=device)
         for _, p, s in pairs:
@@ -187,9 +188,9 @@ class EMATeacher:
             sums[0] += diff.pow(2).sum()
             sums[1] += theta.pow(2).sum()
         if group is not None:
-            import torch.distributed as dist
+            from megatron_rlp import collectives
 
-            dist.all_reduce(sums, group=group)
+            collectives.all_reduce(sums, group=group)
         diff_sq, theta_sq = sums.tolist()
         if theta_sq == 0.0:
             return 0.0 if diff_sq == 0.0 else math.inf

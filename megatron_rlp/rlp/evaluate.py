@@ -26,6 +26,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_rlp import platform
 from megatron_rlp.data.documents import window_start_of
 from megatron_rlp.rlp.config import longest_context
 from megatron_rlp.models.builder import without_sequence_parallel
@@ -70,17 +71,19 @@ def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tens
     ``vocab_size`` leaves the output layer's padded ids out of the softmax and the argmax."""
     out_lp, out_ok = [], []
     for start in range(0, tokens.shape[0], batch_size):
-        tok = tokens[start : start + batch_size]
-        pos = torch.arange(tok.shape[1]).expand_as(tok)
+        # on the device: the model embeds them, the log-probs gather with them
+        tok = tokens[start : start + batch_size].to(platform.device())
+        pos = torch.arange(tok.shape[1], device=tok.device).expand_as(tok)
         logits = model(tok, pos, None)
         if not parallel_state.is_pipeline_last_stage():
             continue
         logits = gather_from_tensor_model_parallel_region(logits).float()
-        rows = logits[torch.arange(tok.shape[0])[:, None], slots[start : start + batch_size]]
+        rows = logits[torch.arange(tok.shape[0], device=tok.device)[:, None],
+                      slots[start : start + batch_size].to(tok.device)]
         if vocab_size is not None:
             rows = rows[..., :vocab_size]
         logp = torch.log_softmax(rows, dim=-1)
-        tgt = targets[start : start + batch_size]
+        tgt = targets[start : start + batch_size].to(tok.device)
         out_lp.append(logp.gather(-1, tgt[..., None])[..., 0])
         out_ok.append((rows.argmax(-1) == tgt).float())
     return out_lp, out_ok

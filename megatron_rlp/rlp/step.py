@@ -37,6 +37,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_rlp import platform
 from megatron_rlp.data.documents import DataError, Window
 from megatron_rlp.kernels import linear_logprob
 from megatron_rlp.rlp.config import (
@@ -92,6 +93,9 @@ def build_update_sequences(
     micro-batch of a step to one length (pipeline stages exchange fixed-shape activations).
     """
     n, g, lmax = closed_tokens.shape
+    # Built on the host, row by row (the caller moves the finished batch to the device).
+    doc_index, position, closed_tokens, closed_lengths, forced = (
+        x.cpu() for x in (doc_index, position, closed_tokens, closed_lengths, forced))
     rows = []
     for i in range(n):
         doc = documents[int(doc_index[i])]
@@ -188,7 +192,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
 
     # One kernel call: the thought tokens (with grad) and the x_t slot after the thought.
     slots = torch.cat([batch["thought_slot"], batch["target_slot"][:, None]], dim=1)  # [B, L+2]
-    valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+    valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool, device=hidden.device)], dim=1)
     targets = torch.where(valid, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
     rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
     logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True,
@@ -207,7 +211,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
 
     ntp_kwargs = {}
     if config.rlp_ntp_weight > 0:
-        ctx_slots = torch.arange(batch["labels"].shape[1]).expand(b, -1)
+        ctx_slots = torch.arange(batch["labels"].shape[1], device=hidden.device).expand(b, -1)
         ctx_mask = ctx_slots < batch["context_len"][:, None]
         ctx_targets = torch.where(ctx_mask, batch["labels"], torch.full_like(batch["labels"], IGNORE))
         ctx_logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight, ctx_targets.reshape(-1), tp_group,
@@ -223,7 +227,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
 
     maskf = mask.float()
     n_tok = maskf.sum()
-    ones = torch.tensor(float(b))
+    ones = loss.new_tensor(float(b))  # report values live on the loss's device (NCCL all-reduce)
     report = {
         "rlp loss": torch.stack([loss.detach() * b, ones]),
         "rlp/clip_frac": torch.stack([stats["clip_frac"] * n_tok, n_tok]),
@@ -231,7 +235,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
         "rlp/policy_entropy": torch.stack([(entropy[:, :-1].detach() * maskf).sum(), n_tok]),
         "rlp/thought_len_mean": torch.stack([batch["closed_len"].float().sum(), ones]),
         "rlp/forced_close_frac": torch.stack([batch["forced"].float().sum(), ones]),
-        "rlp/advantage_std": torch.stack([advantages.float().view(n_ctx, g).std(dim=1, unbiased=False).sum(), torch.tensor(float(n_ctx))]),
+        "rlp/advantage_std": torch.stack([advantages.float().view(n_ctx, g).std(dim=1, unbiased=False).sum(), loss.new_tensor(float(n_ctx))]),
         "rlp/s_pred": torch.stack([s_pred.float().sum(), ones]),
         "rlp/sample_logprob_drift": torch.stack([((logp_thought.detach() - batch["logp_sample"]).abs() * maskf).sum(), n_tok]),
     }
@@ -244,8 +248,8 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
         # info_gain: the gain of the thought-averaged predictor, log mean_i p(x_t | c_i) − S_ema.
         mixture = torch.logsumexp(s_pred.float().view(n_ctx, g), dim=1) - math.log(g)
         report["rlp/reward_mean"] = torch.stack([reward.sum(), ones])
-        report["rlp/info_gain"] = torch.stack([(mixture - batch["s_ema"]).sum(), torch.tensor(float(n_ctx))])
-        report["rlp/s_ema"] = torch.stack([batch["s_ema"].sum(), torch.tensor(float(n_ctx))])
+        report["rlp/info_gain"] = torch.stack([(mixture - batch["s_ema"]).sum(), loss.new_tensor(float(n_ctx))])
+        report["rlp/s_ema"] = torch.stack([batch["s_ema"].sum(), loss.new_tensor(float(n_ctx))])
         batch["rewards"] = reward.reshape(b)
     return loss, report
 
@@ -350,8 +354,9 @@ class RLPObjective:
                 tokens[r, : len(docs[i]) - 1] = docs[i][:-1]
                 slots[r] = torch.tensor(positions[i]) - 1
             targets = torch.stack([docs[i][torch.tensor(positions[i])] for i in chunk])
-            batches.append({"tokens": tokens, "position_ids": torch.arange(width).expand(len(chunk), -1),
-                            "slots": slots, "targets": targets})
+            batches.append(platform.to_device({
+                "tokens": tokens, "position_ids": torch.arange(width).expand(len(chunk), -1),
+                "slots": slots, "targets": targets}))
         with self.teacher.swap_into(self.models), torch.no_grad():
             outputs = self._forward_only(batches, partial(_score_slots_loss, vocab_size=self.vocab_size))
         if not parallel_state.is_pipeline_last_stage():
@@ -431,6 +436,7 @@ class RLPObjective:
             mb["logp_sample"] = sample_lp
             if s_ema is not None and s_ema.numel():
                 mb["s_ema"] = s_ema[ctx].float()
+            mb = platform.to_device(mb)
             microbatches.append(mb)
             self._last_tokens += mb["tokens"].numel()
             self._last_seq = mb["tokens"].shape[1]
@@ -524,7 +530,7 @@ def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_siz
     rows = _gather_rows(hidden, batch["slots"]).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), batch["targets"].reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
-    return torch.zeros((), requires_grad=False), {"logp": logp.detach()}
+    return logp.new_zeros(()), {"logp": logp.detach()}
 
 
 def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
@@ -534,7 +540,7 @@ def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_
     rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
-    return torch.zeros(()), {"logp": logp.detach().view(slots.shape)}
+    return logp.new_zeros(()), {"logp": logp.detach().view(slots.shape)}
 
 
 def _rank_layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:

@@ -38,6 +38,8 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 
+from megatron_rlp import collectives
+
 
 @dataclass
 class StageInfo:
@@ -222,7 +224,7 @@ def run_pipelined(model, stage: StageInfo, jobs: list, feedback: bool) -> PhaseS
                 stats.items.append((m, step))
                 if not stage.is_last:
                     out = out.contiguous()
-                    pending.append((dist.isend(out, stage.next_rank), out))
+                    pending.append((collectives.isend(out, stage.next_rank), out))
                 else:
                     ids = job.on_output(step, out)
                     if feedback and step + 1 < job.num_steps and stage.pp_size > 1:
@@ -230,7 +232,7 @@ def run_pipelined(model, stage: StageInfo, jobs: list, feedback: bool) -> PhaseS
                             [ids.to(torch.int64), torch.tensor([int(job.active)], device=ids.device)]
                         )
                         for rank in stage.others:
-                            pending.append((dist.isend(msg, rank), msg))
+                            pending.append((collectives.isend(msg, rank), msg))
                 if len(pending) > 64:
                     pending = _reap(pending)
     for work, _ in pending:
@@ -244,7 +246,7 @@ def run_pipelined(model, stage: StageInfo, jobs: list, feedback: bool) -> PhaseS
 
 def _recv(buffer: torch.Tensor, src: int) -> float:
     t = time.perf_counter()
-    dist.recv(buffer, src)
+    collectives.recv(buffer, src)
     return time.perf_counter() - t
 
 

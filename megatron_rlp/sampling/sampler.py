@@ -72,10 +72,9 @@ import time
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
-
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megatron_rlp import collectives
 from megatron_rlp.models.builder import without_sequence_parallel
 from megatron_rlp.models.hybrid import fork_inference_state, inference_state_layout
 from megatron_rlp.sampling.pipeline import StageInfo, run_pipelined
@@ -108,8 +107,8 @@ def model_traits(model, stage: StageInfo) -> tuple[bool, bool]:
     has_mamba = any(isinstance(m, MambaMixer) for m in model.modules())
     flags = torch.tensor([int(masks_ignored), int(has_mamba)], dtype=torch.int64)
     if stage.pp_size > 1:
-        flags = flags.to(next(model.parameters()).device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=stage.pp_group)
+        flags = flags.to(next(model.parameters()).device)  # the PP group is NCCL on GPUs
+        collectives.all_reduce(flags, op=collectives.ReduceOp.MAX, group=stage.pp_group)
     return not bool(flags[0]), bool(flags[1])
 
 
@@ -227,7 +226,7 @@ def assemble_batch(
             packed[idx, 3 * length] = rec.lengths.double()
             packed[idx, 3 * length + 1] = rec.stop.double()
     if stage.pp_size > 1:
-        dist.broadcast(packed, src=stage.last_rank, group=stage.pp_group)
+        collectives.broadcast(packed, src=stage.last_rank, group=stage.pp_group)
     tokens = packed[:, :length].round().long().view(n, g, length)
     stop = packed[:, 3 * length + 1].round().long().view(n, g)
     return ThoughtBatch(

@@ -42,6 +42,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_rlp import collectives
+
 _M32 = 0xFFFFFFFF
 
 
@@ -154,9 +156,7 @@ def sample_vocab_parallel(
         dim=-1,
     )
     if world > 1:
-        parts = [torch.empty_like(stats) for _ in range(world)]
-        dist.all_gather(parts, stats.contiguous(), group=tp_group)
-        table = torch.stack(parts, dim=0)  # [tp, b, 5]
+        table = torch.stack(collectives.all_gather(stats, group=tp_group), dim=0)  # [tp, b, 5]
     else:
         table = stats[None]
     winner = table[..., 0].argmax(dim=0)  # first maximum: lowest rank, i.e. lowest ids, on ties

@@ -27,6 +27,8 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_rlp import collectives
+
 TRACKER = "latest_checkpointed_iteration.txt"
 # torch.distributed.checkpoint reports a failed read as CheckpointException, a BaseException.
 _READ_ERRORS = (Exception, CheckpointException)
@@ -193,13 +195,13 @@ def _begin_save(root: str, iteration: int) -> tuple[str, str]:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-    dist.barrier()
+    collectives.barrier()
     return final, tmp
 
 
 def _commit_save(root: str, iteration: int, final: str, tmp: str) -> None:
     """Rename the finished checkpoint into place, then point the tracker at it (atomically)."""
-    dist.barrier()
+    collectives.barrier()
     if dist.get_rank() == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -208,7 +210,7 @@ def _commit_save(root: str, iteration: int, final: str, tmp: str) -> None:
         with open(tracker_tmp, "w") as f:
             f.write(str(iteration))
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    dist.barrier()
+    collectives.barrier()
 
 
 def save_model_checkpoint(root: str, model_chunks, model_signature: dict, iteration: int = 0,

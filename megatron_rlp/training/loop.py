@@ -37,6 +37,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_rlp import collectives
 from megatron_rlp import config as cfg
 from megatron_rlp import platform
 from megatron_rlp.models.init import initialize_layout_invariant
@@ -277,15 +278,13 @@ def _reduce_reports(reports: list[dict]) -> dict[str, float]:
     if not reports:
         return {}
     keys = sorted(reports[0])
-    totals = torch.stack([sum(r[k].float() for r in reports) for k in keys])  # [K, 2]
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    totals = torch.stack([sum(r[k].float() for r in reports) for k in keys])  # [K, 2], on the device
+    collectives.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     return {k: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
 
 
 def _broadcast_from_logging_rank(values: dict) -> dict:
-    box = [values]
-    dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
-    return box[0]
+    return collectives.broadcast_object(values, src=dist.get_world_size() - 1)
 
 
 def _with_loss_check(forward_step, iteration: Callable[[], int]):
@@ -384,9 +383,8 @@ class _PreemptionFlag:
 
     def any_rank(self, also: bool = False) -> bool:
         """True on every rank when any rank got the signal (or has ``also`` set)."""
-        flag = torch.tensor([1.0 if (self.raised or also) else 0.0], device=platform.device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        # On the device: the default group is NCCL in a GPU run, and NCCL has no CPU backend.
+        return collectives.any_rank(self.raised or also)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

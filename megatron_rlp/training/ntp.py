@@ -13,6 +13,7 @@ import torch
 
 from megatron.core import parallel_state
 
+from megatron_rlp import platform
 from megatron_rlp.data.documents import DocumentStream
 
 
@@ -45,14 +46,14 @@ class NextTokenObjective:
         for i in range(num_microbatches):
             rows = samples[i * self.micro_batch_size : (i + 1) * self.micro_batch_size]
             tokens = rows[:, :-1].contiguous()
-            batches.append(
+            batches.append(platform.to_device(
                 {
                     "tokens": tokens,
                     "labels": rows[:, 1:].contiguous(),
                     "loss_mask": torch.ones_like(tokens, dtype=torch.float32),
                     "position_ids": torch.arange(self.seq_length).unsqueeze(0).expand_as(tokens),
                 }
-            )
+            ))
         return batches
 
     def forward_step(self, data_iterator, model):
