@@ -28,6 +28,20 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def fused_softmax_kernels_available() -> bool:
+    """megatron's fused masked-softmax CUDA extensions (built by NVIDIA apex, present in NGC
+    containers).  With ``masked_softmax_fusion`` on and them missing, every bf16 attention of a
+    qualifying shape fails with ModuleNotFoundError (fused_softmax.py imports them lazily)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import scaled_masked_softmax_cuda  # noqa: F401
+        import scaled_upper_triang_masked_softmax_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def validate_parallel_layout(preset: ModelPreset, tp: int, pp: int, world_size: int) -> None:
     """Reject layouts megatron-core cannot shard, before any model is built."""
     problems = []
@@ -100,7 +114,7 @@ def transformer_config(
         autocast_dtype=params_dtype,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=fused_softmax_kernels_available(),
         bias_dropout_fusion=on_gpu,
         bias_activation_fusion=False,
         apply_rope_fusion=False,
