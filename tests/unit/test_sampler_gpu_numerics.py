@@ -22,7 +22,7 @@ from megatron_rlp.models.presets import get_preset
 from megatron_rlp.rlp.step import output_weight
 from megatron_rlp.sampling import sample_thoughts
 from megatron_rlp.sampling import sampler as sampler_module
-from megatron_rlp.sampling.pipeline import StageInfo
+from megatron_rlp.sampling.pipeline import StageInfo, vocab_shard_logits
 from megatron_rlp.sampling.thoughts import ThoughtRecorder
 from megatron_rlp.training import parallel
 
@@ -42,14 +42,19 @@ def _parallel():
     torch.set_num_threads(threads)
 
 
-def _bf16_model(fusion: bool, logit_scale: float = 1.0):
-    config = transformer_config(GPT, params_dtype=torch.bfloat16)
+def _bf16_model(fusion: bool, logit_offset: float = 0.0):
+    """``logit_offset``: add about ``logit_offset`` x (normed hidden state 0) to every logit of
+    a row (final-norm weight 0 and output-layer column 0), as in trained models whose logits sit
+    far from 0: the distribution is unchanged, but bf16 logits are only 0.25 apart at |z| = 40."""
+    preset = GPT.replace(tie_embeddings=False) if logit_offset else GPT
+    config = transformer_config(preset, params_dtype=torch.bfloat16)
     config.masked_softmax_fusion = fusion
-    model = build_model(GPT, config)
-    initialize_layout_invariant(model, 7, GPT.num_layers)
-    if logit_scale != 1.0:
+    model = build_model(preset, config)
+    initialize_layout_invariant(model, 7, preset.num_layers)
+    if logit_offset:
         with torch.no_grad():
-            model.decoder.final_layernorm.weight.mul_(logit_scale)
+            model.decoder.final_layernorm.weight[0] = logit_offset
+            model.output_layer.weight[:, 0] = 1.0
     return model
 
 
@@ -94,10 +99,10 @@ def _docs(lengths, seed=0):
     return [torch.randint(0, 500, (n,), generator=g) for n in lengths]
 
 
-def _sample(model, docs, positions, **kw):
+def _sample(model, docs, positions, temperature=0.8, **kw):
     return sample_thoughts(
         model, docs, positions, num_thoughts=4, max_thought_len=4, open_id=OPEN, close_id=CLOSE,
-        eod_id=EOD, temperature=0.8, seed=5, max_sequence_length=128, **kw,
+        eod_id=EOD, temperature=temperature, seed=5, max_sequence_length=128, **kw,
     )
 
 
@@ -129,3 +134,90 @@ def test_fused_causal_softmax_is_detected_and_gets_the_rows_layout(fused_kernels
     assert fused_kernels.shapes and all(sq == sk for _, sq, sk in fused_kernels.shapes)
     assert torch.equal(got.tokens, want.tokens)
     torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
+
+
+def _hidden_states(model, tokens):
+    """Final normed hidden states [b, s, h] of a plain (training) forward."""
+    model.return_hidden = True
+    try:
+        with torch.no_grad():
+            out = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
+    finally:
+        model.return_hidden = False
+    return out.transpose(0, 1)
+
+
+def test_sampling_logprobs_match_the_trainers_in_bf16():
+    model = _bf16_model(fusion=False, logit_offset=25.0)
+    model.eval()
+    tokens = torch.stack(_docs((24, 24, 24, 24), seed=3))
+    hidden = _hidden_states(model, tokens).reshape(-1, GPT.hidden_size)  # bf16 [96, h]
+    assert hidden.dtype == torch.bfloat16
+    weight = output_weight(model)
+    z = hidden.float() @ weight.float().t()
+    assert 30 < z.abs().max() < 120  # logits large enough for bf16 rounding to matter
+
+    # Every id: the sampler's logits against the trainer's log-prob of that id.
+    with torch.no_grad():
+        sampler_logp = torch.log_softmax(vocab_shard_logits(model, hidden), dim=-1)
+        ids = torch.arange(GPT.vocab_size)
+        train_all = linear_logprob(hidden.repeat_interleave(len(ids), 0), weight, ids.repeat(len(hidden)),
+                                   impl="reference").view(len(hidden), -1)
+    gap = (sampler_logp - train_all).abs()
+    assert gap.max() < 1e-4, f"train/sample log-prob gap {gap.max():.3g} (mean {gap.mean():.3g})"
+
+    # The sampled tokens (T = 1.5: mostly not the argmax, whose log-prob is least sensitive).
+    stage = StageInfo.current()
+    rows = torch.arange(hidden.shape[0])
+    recorder = ThoughtRecorder(model, stage, rows, 1, CLOSE, EOD, 1.5, 3, hidden.device, vocab_size=500)
+    with torch.no_grad():
+        sampled = recorder.record(0, hidden)
+        train = linear_logprob(hidden, weight, sampled, vocab_size=500)
+    assert int(sampled.max()) < 500
+    gap = (recorder.logprobs[:, 0] - train).abs()
+    assert gap.max() < 1e-4, f"train/sample log-prob gap {gap.max():.3g} (mean {gap.mean():.3g})"
+
+
+def test_sampled_thoughts_logprobs_match_the_update_forward_in_bf16():
+    """End to end: the sampler's log-probs against the RLP update's recomputation (a full
+    forward over x_<t, open, thought) of the same bf16 model.  The hidden states themselves
+    differ here (KV-cache decode vs one full forward, each rounded to bf16: ~3e-3 in log-prob);
+    a bf16 output layer added ~0.2 on top of that."""
+    from megatron_rlp.rlp.step import build_update_sequences
+
+    model = _bf16_model(fusion=False, logit_offset=25.0)
+    docs, positions = _docs((26, 30), seed=1), [[9, 19], [12]]
+    batch = _sample(model, docs, positions, temperature=1.5)
+    closed, closed_len = batch.closed_tokens(EOD)
+    seqs = build_update_sequences(docs, batch.doc_index, batch.position, closed, closed_len,
+                                  batch.forced, OPEN, EOD)
+    model.eval()
+    hidden = _hidden_states(model, seqs["tokens"])
+    slots = seqs["thought_slot"]
+    labels = seqs["labels"].gather(1, slots.clamp(min=0))
+    rows = hidden.gather(1, slots.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+    with torch.no_grad():
+        train = linear_logprob(rows.reshape(-1, rows.shape[-1]), output_weight(model), labels.reshape(-1)).view(slots.shape)
+    length = batch.max_thought_len  # slots: L + 1 (a forced close is not sampled)
+    sample = batch.logprobs.reshape(slots.shape[0], length)
+    mask = batch.mask.reshape(slots.shape[0], length)
+    assert mask.sum() > 10 and (sample * mask).min() < -1  # not only near-certain tokens
+    gap = (sample - train[:, :length]).abs() * mask
+    assert gap.max() < 2e-2, f"train/sample log-prob gap {gap.max():.3g}"
+
+
+def test_thinking_evaluation_scores_with_the_trainers_fp32_logits():
+    from megatron_rlp.rlp.evaluate import _score
+
+    model = _bf16_model(fusion=False, logit_offset=25.0)
+    model.eval()
+    tokens = torch.stack(_docs((20, 20, 20), seed=4))
+    slots = torch.tensor([[3, 10, 19], [0, 5, 7], [12, 13, 18]])
+    targets = torch.randint(0, 500, slots.shape, generator=torch.Generator().manual_seed(2))
+    logp, _ = _score(model, tokens, slots, targets, batch_size=2, vocab_size=500)
+    hidden = _hidden_states(model, tokens)
+    rows = hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1])).reshape(-1, hidden.shape[-1])
+    with torch.no_grad():
+        train = linear_logprob(rows, output_weight(model), targets.reshape(-1), vocab_size=500)
+    gap = (torch.cat(logp).reshape(-1) - train).abs()
+    assert gap.max() < 1e-4, f"evaluation/trainer log-prob gap {gap.max():.3g}"
