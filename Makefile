@@ -35,7 +35,8 @@ test: test-unit test-distributed
 
 # GPU check kit (README "Checking a GPU machine").  gpu-wheels: here, with network, fill wheels/
 # with the Python 3.12 wheels a bare torch + triton machine lacks.  gpu-check: there, offline;
-# one JSON report to $(OUT) (or build/), exit 2 without CUDA.  Uses the machine's python, not .venv.
+# one JSON report to $(OUT) (or build/), exit 2 without CUDA.  Uses the machine's python, not .venv;
+# GPU_CHECK_ARGS e.g. "--budget 540" (fit a time limit) or "--skip-bench".
 WHEELS     ?= wheels
 GPU_PYTHON ?= python3
 
@@ -43,7 +44,7 @@ gpu-wheels:
 	$(PYTHON) tools/gpu_check.py --download-wheels $(WHEELS)
 
 gpu-check:
-	$(GPU_PYTHON) tools/gpu_check.py --wheels $(WHEELS) $(if $(OUT),--out $(OUT))
+	$(GPU_PYTHON) tools/gpu_check.py --wheels $(WHEELS) $(if $(OUT),--out $(OUT)) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info

@@ -12,6 +12,8 @@ On any CUDA machine with torch and triton, in one command:
 4. writes ONE JSON report: ``--out PATH`` (a directory gets ``gpu_check.json``), by default
    ``$OUT/gpu_check.json`` when ``$OUT`` is set, else ``build/gpu_check.json``.
 
+With ``--budget S`` every phase is cut to fit S seconds; the report is rewritten after each phase.
+
 Exit status: 0 every test that ran passed (tests skipped for want of TE or a second GPU are
 listed with their reason, never counted as passed) and every benchmark ran; 1 something failed;
 2 no CUDA device — the report is still written, with every test skipped.
@@ -216,7 +218,8 @@ def run_tests(pytest_args: list, timeout: int) -> dict:
             out = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                                  timeout=timeout)
         except subprocess.TimeoutExpired as e:
-            return {"error": f"pytest ran past {timeout} s", "output_tail": str(e.stdout or "")[-4000:]}
+            tail = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            return {"error": f"pytest ran past {timeout} s", "output_tail": tail[-4000:]}
         result = {"command": " ".join(cmd[1:]), "returncode": out.returncode, "seconds": round(time.time() - t0, 1),
                   "output_tail": (out.stdout + out.stderr)[-4000:]}
         if os.path.exists(xml):
@@ -279,6 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-bench", action="store_true", help="tests only")
     p.add_argument("--test-timeout", type=int, default=1500, help="seconds for the whole pytest run")
     p.add_argument("--bench-timeout", type=int, default=420, help="seconds per benchmark")
+    p.add_argument("--budget", type=int, default=0,
+                   help="seconds for the whole check (phases are cut to fit; 0: no limit)")
     p.add_argument("--download-wheels", metavar="DIR", help="only download the wheels into DIR (make gpu-wheels)")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k kernel")
     args = p.parse_args(argv)
@@ -292,23 +297,38 @@ def main(argv=None) -> int:
               "has torch and triton: make gpu-check GPU_PYTHON=/path/to/python", file=sys.stderr)
         return 1
     t0 = time.time()
-    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "root": ROOT}
+    path = report_path(args.out)
+
+    def left(limit: int) -> int:
+        """A phase's timeout: its own limit, cut to what is left of --budget."""
+        if not args.budget:
+            return limit
+        return max(1, min(limit, int(args.budget - (time.time() - t0) - 15)))
+
+    def write(report: dict) -> None:
+        # After every phase, so a run killed from outside still leaves what it found.
+        report["seconds"] = round(time.time() - t0, 1)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
+    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "root": ROOT,
+              "verdict": "incomplete (the check was stopped before its end)"}
     report["install"] = install_from_wheels(os.path.abspath(args.wheels))
     report["environment"] = environment()
+    write(report)
     if not report["install"].get("error"):
-        report["tests"] = run_tests(args.pytest_args, args.test_timeout)
-        if report["environment"]["cuda_available"] and not args.skip_bench:
-            report["benchmarks"] = {n: run_benchmark(n, a, args.bench_timeout) for n, a in BENCHMARKS.items()}
-        else:
-            reason = "--skip-bench" if args.skip_bench else "no CUDA device"
-            report["benchmarks"] = {n: {"skipped": reason} for n in BENCHMARKS}
+        report["tests"] = run_tests(args.pytest_args, left(args.test_timeout))
+        write(report)
+        report["benchmarks"] = {}
+        for name, bench_args in BENCHMARKS.items():
+            if args.skip_bench or not report["environment"]["cuda_available"]:
+                report["benchmarks"][name] = {"skipped": "--skip-bench" if args.skip_bench else "no CUDA device"}
+                continue
+            report["benchmarks"][name] = run_benchmark(name, bench_args, left(args.bench_timeout))
+            write(report)
     report["verdict"], code = verdict(report)
-    report["seconds"] = round(time.time() - t0, 1)
-
-    path = report_path(args.out)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    write(report)
     counts = report.get("tests", {}).get("counts")
     print(f"gpu-check: {report['verdict']}; tests {counts}; report {path}")
     for t in report.get("tests", {}).get("tests", []):
