@@ -56,7 +56,8 @@ megatron-core pieces used, and where this differs (0.16.1):
   (``pipeline.rope_positions``).
 * ``materialize_only_last_token_logits`` is irrelevant here: the last stage returns final hidden
   states (see ``pipeline.final_hidden_states``) and the sampler applies the vocab-parallel output
-  layer to the last token itself.
+  weight to the last token itself, in fp32 like the trainer's log-probs
+  (``pipeline.vocab_shard_logits``), not megatron's bf16 output layer.
 * Sequence parallelism is not supported for sampling (a one-token step cannot be split over the
   sequence); models built with it are rejected.
 

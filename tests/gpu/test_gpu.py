@@ -3,7 +3,6 @@ next-token and one RLP iteration of ``tiny`` and ``tiny-hybrid`` in bf16 with th
 (megatron's fused softmax path) and with Transformer Engine when it imports, an NCCL group
 (which rejects host tensors), and two GPUs where present.  Run by ``make gpu-check``."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -31,9 +30,7 @@ def _te_imports() -> bool:
 
 SPECS = [
     "local",
-    pytest.param("te", marks=pytest.mark.skipif(
-        not (torch.cuda.is_available() and importlib.util.find_spec("transformer_engine")),
-        reason="Transformer Engine does not import here")),
+    pytest.param("te", marks=pytest.mark.skipif(not _te_imports(), reason="Transformer Engine does not import here")),
 ]
 
 
