@@ -141,10 +141,12 @@ def vocab_shard_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     output layer, whose bf16 logits are rounded to 8 bits of mantissa (0.25 apart at |z| = 40):
     π_sample must match π_train on the same hidden states.  The weight shard is upcast in blocks
     of vocabulary rows so no fp32 copy of the whole shard is held."""
-    if getattr(model, "share_embeddings_and_output_weights", False):
-        weight = model.shared_embedding_or_output_weight()
-    else:
-        weight = model.output_layer.weight
+    # Tied embeddings: the output layer holds no weight on a stage that also embeds; a later
+    # last stage holds megatron's tied copy.  (Not shared_embedding_or_output_weight(): it asks
+    # post_process, which final_hidden_states switches off while the sampler runs.)
+    weight = model.output_layer.weight
+    if weight is None:
+        weight = model.embedding.word_embeddings.weight
     bias = getattr(model.output_layer, "bias", None)
     h = hidden.float()
     rows = max(1, LOGITS_BLOCK_ELEMENTS // max(1, weight.shape[1]))
