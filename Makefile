@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCHRUN := $(BIN)/torchrun --standalone
 PYTEST_FLAGS ?= -q
 
-.PHONY: install demo test test-unit test-distributed bench clean
+.PHONY: install demo test test-unit test-distributed bench clean gpu-wheels gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,19 @@ test-distributed: $(STAMP)
 	MEGATRON_RLP_STRICT_DEVICE=1 $(TORCHRUN) --nproc_per_node 4 -m pytest $(PYTEST_FLAGS) tests/distributed
 
 test: test-unit test-distributed
+
+# GPU check kit (README "Checking a GPU machine").  gpu-wheels: here, with network, fill wheels/
+# with the Python 3.12 wheels a bare torch + triton machine lacks.  gpu-check: there, offline;
+# one JSON report to $(OUT) (or build/), exit 2 without CUDA.  Uses the machine's python, not .venv;
+# GPU_CHECK_ARGS e.g. "--budget 540" (fit a time limit) or "--skip-bench".
+WHEELS     ?= wheels
+GPU_PYTHON ?= python3
+
+gpu-wheels:
+	$(PYTHON) tools/gpu_check.py --download-wheels $(WHEELS)
+
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py --wheels $(WHEELS) $(if $(OUT),--out $(OUT)) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info

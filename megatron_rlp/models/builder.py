@@ -36,6 +36,20 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def fused_softmax_kernels_available() -> bool:
+    """megatron's fused masked-softmax CUDA extensions (built by NVIDIA apex, present in NGC
+    containers).  With ``masked_softmax_fusion`` on and them missing, every bf16 attention of a
+    qualifying shape fails with ModuleNotFoundError (fused_softmax.py imports them lazily)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import scaled_masked_softmax_cuda  # noqa: F401
+        import scaled_upper_triang_masked_softmax_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def pipeline_stage_sizes(
     num_layers: int, pp: int, first: Optional[int] = None, last: Optional[int] = None
 ) -> list[int]:
@@ -222,7 +236,7 @@ def transformer_config(
         autocast_dtype=params_dtype,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=fused_softmax_kernels_available(),
         bias_dropout_fusion=on_gpu,
         bias_activation_fusion=False,
         apply_rope_fusion=False,

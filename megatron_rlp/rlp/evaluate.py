@@ -11,7 +11,8 @@ context, the markers and a whole thought; consecutive windows overlap by ``min_c
 and each position is scored in the one window that holds it.  Standard errors
 are over documents (the unit that is resampled), so before/after comparisons can be paired per
 document.  Runs on one model-parallel group (the sampler and the forwards are TP/PP-aware, but the
-scoring here gathers full-vocabulary logits, which is fine for held-out evaluation sizes).
+scoring here gathers full-vocabulary fp32 logits of the scored slots, which is fine for held-out
+evaluation sizes).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from megatron_rlp.data.documents import window_start_of
 from megatron_rlp.rlp.config import longest_context
 from megatron_rlp.models.builder import without_sequence_parallel
 from megatron_rlp.rlp.step import build_update_sequences
+from megatron_rlp.sampling.pipeline import final_hidden_states, vocab_shard_logits
 
 
 @dataclass
@@ -74,12 +76,16 @@ def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tens
         # on the device: the model embeds them, the log-probs gather with them
         tok = tokens[start : start + batch_size].to(platform.device())
         pos = torch.arange(tok.shape[1], device=tok.device).expand_as(tok)
-        logits = model(tok, pos, None)
+        with final_hidden_states(model):
+            hidden = model(tok, pos, None)
         if not parallel_state.is_pipeline_last_stage():
             continue
-        logits = gather_from_tensor_model_parallel_region(logits).float()
-        rows = logits[torch.arange(tok.shape[0], device=tok.device)[:, None],
-                      slots[start : start + batch_size].to(tok.device)]
+        # fp32 logits at the scored slots only, from the projection the sampler and the trainer
+        # use (a bf16 output layer is ~0.2 nats off at |logit| ~ 60)
+        slot = slots[start : start + batch_size].to(tok.device)
+        picked = hidden.transpose(0, 1)[torch.arange(tok.shape[0], device=tok.device)[:, None], slot]  # [b, k, h]
+        shard = vocab_shard_logits(model, picked.reshape(-1, picked.shape[-1]))
+        rows = gather_from_tensor_model_parallel_region(shard).view(*slot.shape, -1)
         if vocab_size is not None:
             rows = rows[..., :vocab_size]
         logp = torch.log_softmax(rows, dim=-1)

@@ -21,7 +21,8 @@ measured as well.
 The model's own ``forward`` is used with megatron's ``inference_context``; on the last stage the
 model is told (for the duration of the call) that it has no post-process, so it returns the final
 (normed) hidden states instead of gathered logits, and :func:`vocab_shard_logits` applies the
-output layer without gathering: logits stay vocabulary-sharded.  (megatron-core 0.16.1 asserts
+output layer's weight in fp32 (as the trainer's log-probs do) without gathering: logits stay
+vocabulary-sharded.  (megatron-core 0.16.1 asserts
 ``runtime_gather_output`` in inference mode, i.e. it would all-gather the full vocabulary on
 every TP rank; this is how the sampler avoids that.)
 """
@@ -130,13 +131,36 @@ def rope_positions(model, table: Optional[torch.Tensor]):
         del rope.forward
 
 
+# Vocabulary rows upcast at a time by vocab_shard_logits (a 64 MiB fp32 block at h = 4096).
+LOGITS_BLOCK_ELEMENTS = 1 << 24
+
+
 def vocab_shard_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """This TP rank's logits [n, V/tp] for final hidden states [n, h] (no gather)."""
-    weight = None
-    if getattr(model, "share_embeddings_and_output_weights", False):
-        weight = model.shared_embedding_or_output_weight()
-    logits, _ = model.output_layer(hidden[None], weight=weight, runtime_gather_output=False)
-    return logits[0]
+    """This TP rank's fp32 logits [n, V/tp] for final hidden states [n, h] (no gather).
+
+    The same numbers the trainer's log-probs come from (``kernels.linear_logprob``: low-precision
+    hidden states and weights multiplied exactly, accumulated and kept in fp32), not megatron's
+    output layer, whose bf16 logits are rounded to 8 bits of mantissa (0.25 apart at |z| = 40):
+    π_sample must match π_train on the same hidden states.  The weight shard is upcast in blocks
+    of vocabulary rows so no fp32 copy of the whole shard is held."""
+    # Tied embeddings: the output layer holds no weight on a stage that also embeds; a later
+    # last stage holds megatron's tied copy.  (Not shared_embedding_or_output_weight(): it asks
+    # post_process, which final_hidden_states switches off while the sampler runs.)
+    weight = model.output_layer.weight
+    if weight is None:
+        weight = model.embedding.word_embeddings.weight
+    bias = getattr(model.output_layer, "bias", None)
+    h = hidden.float()
+    rows = max(1, LOGITS_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    if weight.shape[0] <= rows:
+        logits = h @ weight.float().t()
+    else:
+        logits = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)
+        for start in range(0, weight.shape[0], rows):
+            logits[:, start : start + rows] = h @ weight[start : start + rows].float().t()
+    if bias is not None:
+        logits += bias.float()
+    return logits
 
 
 @dataclass

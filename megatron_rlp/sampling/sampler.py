@@ -47,13 +47,17 @@ megatron-core pieces used, and where this differs (0.16.1):
   ``attention_mask``, which is how rows with shorter contexts mask their leading slots.  A core
   attention that ignores the mask at decode (Transformer Engine's, with ``no_mask``) is detected;
   then only the "rows" layout is used and a micro-batch only holds rows of equal context length
-  (no padding, no mask needed).
+  (no padding, no mask needed).  The local attention with megatron's fused causal softmax
+  (``masked_softmax_fusion`` in bf16/fp16, on by default with CUDA and the kernels) applies the
+  mask for one query token but not for the "tree" layout's G (see :func:`fused_causal_softmax`);
+  it is detected too and gets the "rows" layout.
 * megatron's static path takes RoPE positions from the cache slot, not from ``position_ids``;
   the "tree" layout therefore swaps in a per-slot RoPE table while its forward runs
   (``pipeline.rope_positions``).
 * ``materialize_only_last_token_logits`` is irrelevant here: the last stage returns final hidden
   states (see ``pipeline.final_hidden_states``) and the sampler applies the vocab-parallel output
-  layer to the last token itself.
+  weight to the last token itself, in fp32 like the trainer's log-probs
+  (``pipeline.vocab_shard_logits``), not megatron's bf16 output layer.
 * Sequence parallelism: a one-token decode step cannot be split over the sequence, so
   :func:`sample_thoughts` decodes with it switched off on the same weights
   (``megatron_rlp.models.builder.sequence_parallel_off``) and switches it back on return, also on
@@ -93,23 +97,45 @@ from megatron_rlp.sampling.thoughts import (
 __all__ = ["sample_thoughts", "model_traits", "assemble_batch"]
 
 
-def model_traits(model, stage: StageInfo) -> tuple[bool, bool]:
-    """(attention honours an explicit mask at decode, the model has Mamba layers), agreed over
-    the pipeline group so every stage plans the same micro-batches."""
+def model_traits(model, stage: StageInfo) -> tuple[bool, bool, bool]:
+    """(attention honours an explicit mask at one-token decode, the model has Mamba layers,
+    attention honours an explicit mask for several query tokens per row — what the "tree" layout
+    needs), agreed over the pipeline group so every stage plans the same micro-batches."""
     from megatron.core.ssm.mamba_mixer import MambaMixer
     from megatron.core.transformer.attention import Attention
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    masks_ignored = any(
-        isinstance(m, Attention) and not isinstance(m.core_attention, DotProductAttention)
-        for m in model.modules()
+    cores = [m.core_attention for m in model.modules() if isinstance(m, Attention)]
+    masks_ignored = any(not isinstance(c, DotProductAttention) for c in cores)
+    fused_causal = any(
+        isinstance(c, DotProductAttention) and fused_causal_softmax(c.scale_mask_softmax)
+        for c in cores
     )
     has_mamba = any(isinstance(m, MambaMixer) for m in model.modules())
-    flags = torch.tensor([int(masks_ignored), int(has_mamba)], dtype=torch.int64)
+    flags = torch.tensor([int(masks_ignored), int(has_mamba), int(fused_causal)], dtype=torch.int64)
     if stage.pp_size > 1:
         flags = flags.to(next(model.parameters()).device)  # the PP group is NCCL on GPUs
         collectives.all_reduce(flags, op=collectives.ReduceOp.MAX, group=stage.pp_group)
-    return not bool(flags[0]), bool(flags[1])
+    return not bool(flags[0]), bool(flags[1]), not bool(flags[0] or flags[2])
+
+
+def fused_causal_softmax(softmax) -> bool:
+    """Whether megatron's ``FusedScaleMaskSoftmax`` may take its fused causal CUDA kernel.
+
+    It does (fused_softmax.py ``is_kernel_available``) with ``masked_softmax_fusion`` on,
+    fp16/bf16 scores, 16 < keys <= 4096 and queries, keys and batch x heads multiples of 4; for a
+    causal layer the kernel is ``ScaledUpperTriangMaskedSoftmax``, which ignores the explicit mask
+    and asserts queries == keys.  A one-token decode step (1 query) never qualifies, a prefill
+    (queries == keys, causal) is computed correctly, but the "tree" layout's G query tokens
+    against a longer cache hit the assertion — or, under ``python -O``, attend across branches.
+    """
+    from megatron.core.transformer.enums import AttnMaskType
+
+    return bool(
+        softmax.scaled_masked_softmax_fusion
+        and softmax.input_in_float16
+        and softmax.attn_mask_type == AttnMaskType.causal
+    )
 
 
 def _check_model(model) -> None:
@@ -312,7 +338,7 @@ def sample_thoughts(
     t_start = time.perf_counter()
     try:
         with torch.no_grad():
-            masks_ok, has_mamba = model_traits(model, stage)
+            masks_ok, has_mamba, tree_masks_ok = model_traits(model, stage)
             state_kinds = inference_state_layout(model)
             mamba_layers = [layer for layer, kind in state_kinds.items() if kind == "mamba"]
             contexts_of_doc: dict[int, list[tuple[int, int]]] = {}
@@ -336,7 +362,7 @@ def sample_thoughts(
                 rows_total if stage.pp_size == 1 else math.ceil(rows_total / stage.pp_size)
             )
             chosen = _choose_layout(
-                layout, masks_ok, has_mamba, contexts, num_thoughts, max_thought_len
+                layout, tree_masks_ok, has_mamba, contexts, num_thoughts, max_thought_len
             )
             decode_jobs = []
             common = (max_thought_len, open_id, close_id, eod_id, float(temperature), int(seed), device)
@@ -423,14 +449,16 @@ def sample_thoughts(
     return batch
 
 
-def _choose_layout(layout: str, masks_ok: bool, has_mamba: bool, contexts, g: int, length: int) -> str:
-    """The decode layout: "tree" needs an attention-only model whose attention applies the mask.
-    "auto" picks the one with the smaller estimated attention work (:func:`decode_cost`)."""
-    tree_ok = masks_ok and not has_mamba
+def _choose_layout(layout: str, tree_masks_ok: bool, has_mamba: bool, contexts, g: int, length: int) -> str:
+    """The decode layout: "tree" needs an attention-only model whose attention applies the mask
+    to several query tokens per row (``model_traits``).  "auto" picks the one with the smaller
+    estimated attention work (:func:`decode_cost`)."""
+    tree_ok = tree_masks_ok and not has_mamba
     if layout == "tree" and not tree_ok:
         raise ValueError(
             "the 'tree' decode layout needs an attention-only model whose core attention applies "
-            "an explicit mask at decode (megatron's local DotProductAttention); use 'rows'"
+            "an explicit mask to several query tokens (megatron's local DotProductAttention "
+            "without the fused causal softmax: masked_softmax_fusion=False, or fp32); use 'rows'"
         )
     if layout != "auto":
         return layout

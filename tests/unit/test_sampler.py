@@ -279,7 +279,7 @@ def test_micro_batches_and_unmasked_attention_plan(models, monkeypatch):
         torch.testing.assert_close(other.logprobs, ref.logprobs, atol=1e-5, rtol=0)
     # An attention that ignores explicit masks at decode (Transformer Engine's): rows layout,
     # micro-batches of one context length each, no padding, no mask.
-    monkeypatch.setattr(sampler_module, "model_traits", lambda model, stage: (False, False))
+    monkeypatch.setattr(sampler_module, "model_traits", lambda model, stage: (False, False, False))
     unmasked = _sample(model, docs, temperature=0.9)
     assert unmasked.stats["layout"] == "rows" and not unmasked.stats["masked_decode"]
     assert unmasked.stats["decode_microbatches"] == 6 and unmasked.stats["padded_context_slots"] == 0
