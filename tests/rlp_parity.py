@@ -242,6 +242,7 @@ def run_short_rlp(corpus, preset, tp, pp, tmp_path_factory):
         run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size = tp, pp
         t = run.training
         t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, 2, iters, 1e-3, 5
+        t.lr_decay_style = "constant"  # resumed with more --train-iters: the same schedule
         run.checkpoint.save, run.checkpoint.load = save, load
         state = loop.setup(run, loop.resolve_preset(run.model))
         stream = DocumentStream(open_indexed_dataset(corpus), state.preset.vocab_size, seed=5)
