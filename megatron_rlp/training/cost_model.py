@@ -552,7 +552,7 @@ def _activation_bytes_per_token(p: ModelPreset, kind: str, tp: int, sp: bool, sc
 
 
 def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
-                 variant: str = "rows") -> list[StageMemory]:
+                 variant: str = "rows", parameters: Optional[Sequence[int]] = None) -> list[StageMemory]:
     """Memory per GPU of each pipeline stage during an RLP iteration.
 
     Exact for the parameter count: ``weights`` (params dtype), ``main_grads`` (fp32 buffer),
@@ -570,12 +570,20 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
       cache row of aligned context + thought cap per branch, the "rows" layout; the "tree" layout
       for GPT models is smaller) before it decodes and frees the prefill caches.
       ``sampler_microbatch`` is the share of one decode micro-batch.
+
+    ``parameters``: the parameter count of one GPU of each stage when it is known from a built
+    model (the dry run builds every stage on the meta device); default :func:`stage_parameters`.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     L, s, g = layout, settings, settings.num_thoughts
     stages = stage_layer_kinds(preset, L.pp, L.first_stage_layers, L.last_stage_layers)
-    params = stage_parameters(preset, L.tp, L.pp, L.first_stage_layers, L.last_stage_layers)
+    if parameters is None:
+        params = stage_parameters(preset, L.tp, L.pp, L.first_stage_layers, L.last_stage_layers)
+    elif len(parameters) != L.pp:
+        raise ValueError(f"{len(parameters)} stage parameter counts for {L.pp} pipeline stages")
+    else:
+        params = list(parameters)
     wbytes = _DTYPE_BYTES[L.params_dtype]
     opt_per_param = (4 if L.params_dtype == "bf16" else 0) + 8
     opt_div = L.dp if L.distributed_optimizer else 1
