@@ -20,7 +20,6 @@ to compare with the estimate here.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -173,8 +172,10 @@ def build_rank_models(run, preset, world_size: int) -> list[RankModel]:
                     recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
                     recompute_num_layers=t.recompute_num_layers,
                 )
-                # Parameters are allocated on 'cuda' (mapped to meta) and left uninitialised.
-                config = dataclasses.replace(config, use_cpu_initialization=False, perform_initialization=False)
+                # Parameters are allocated on 'cuda', which is mapped to meta.  Initialisation stays on:
+                # on meta it does no work, and it is where megatron marks the tensor-parallel
+                # shards (tensor_model_parallel) that the model total depends on.
+                config = dataclasses.replace(config, use_cpu_initialization=False)
                 with platform.meta_device():
                     model = build_model(preset, config)
                 out.append(_count(model, stage, tp_rank, rank))
@@ -275,11 +276,18 @@ def check_fits(report: DryRunReport) -> None:
     rank = simulated_rank(worst.stage, 0, report.tp, report.dp)
     term = worst.largest_term
     others = [f"stage {m.stage} ({_gib(m.peak)} GiB)" for m in over if m is not worst]
+    # The update's activations and the sampler's caches are never held together: when one is the
+    # culprit, say whether the other alone would still be too much.
+    then = ""
+    other = {"activations": "sampler_cache", "sampler_cache": "activations"}.get(term)
+    if other and worst.static + worst.terms[other] > report.limit_bytes:
+        then = (f" Without it, the {TERM_NAMES[other]} ({_gib(worst.terms[other])} GiB) would still "
+                f"make {_gib(worst.static + worst.terms[other])} GiB: {_HINTS[other]}")
     raise LayoutDoesNotFit(
         f"layout does not fit: rank {rank} (pipeline stage {worst.stage}; every rank of that stage "
         f"holds the same) needs an estimated {_gib(worst.peak)} GiB per GPU, more than "
         f"--dry-run-gpu-memory-gb {report.limit_bytes / GIB:g}; largest term: {TERM_NAMES[term]} "
-        f"{_gib(worst.terms[term])} GiB. {_HINTS[term]}"
+        f"{_gib(worst.terms[term])} GiB. {_HINTS[term]}{then}"
         + (f" Also over: {', '.join(others)}." if others else "")
     )
 
