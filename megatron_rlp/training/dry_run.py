@@ -178,6 +178,10 @@ def build_rank_models(run, preset, world_size: int) -> list[RankModel]:
                 config = dataclasses.replace(config, use_cpu_initialization=False)
                 with platform.meta_device():
                     model = build_model(preset, config)
+                    if run.model.bf16:  # as the loop does: every weight in bf16 (fp32 main copies in the optimizer)
+                        from megatron.core.transformer.module import Float16Module
+
+                        model = Float16Module(config, model).module
                 out.append(_count(model, stage, tp_rank, rank))
             finally:
                 if parallel_state.model_parallel_is_initialized():
