@@ -133,7 +133,32 @@ def validate_run(run, preset, world_size: int) -> int:
 def build_rank_models(run, preset, world_size: int) -> list[RankModel]:
     """Build the model chunk of every (pipeline stage, TP rank) on the meta device, each inside a
     fake process group in which this process is that rank; count its parameters."""
+    import logging
+
     import torch
+    import torch.distributed as dist
+
+    from megatron_rlp import platform
+
+    if dist.is_initialized():
+        raise RuntimeError("the dry run simulates its ranks in a fake process group: call it in a "
+                           "process without torch.distributed initialised")
+    platform.setup_platform()
+    tp, pp = run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size
+    dp = world_size // (tp * pp)
+    dtype = torch.bfloat16 if run.model.bf16 else torch.float32
+    # The torch Mamba path warns once per layer that megatron does not test it for training; on
+    # the cluster the mamba-ssm kernels are used, so the warning says nothing about the plan.
+    mixer_log = logging.getLogger("megatron.core.ssm.mamba_mixer")
+    level = mixer_log.level
+    mixer_log.setLevel(logging.ERROR)
+    try:
+        return _build_all(run, preset, world_size, tp, pp, dp, dtype)
+    finally:
+        mixer_log.setLevel(level)
+
+
+def _build_all(run, preset, world_size, tp, pp, dp, dtype) -> list[RankModel]:
     import torch.distributed as dist
     from megatron.core import parallel_state
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -142,14 +167,7 @@ def build_rank_models(run, preset, world_size: int) -> list[RankModel]:
     from megatron_rlp.models.builder import build_model, transformer_config
     from megatron_rlp.training import parallel
 
-    if dist.is_initialized():
-        raise RuntimeError("the dry run simulates its ranks in a fake process group: call it in a "
-                           "process without torch.distributed initialised")
-    platform.setup_platform()
     par, t = run.parallel, run.training
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    dp = world_size // (tp * pp)
-    dtype = torch.bfloat16 if run.model.bf16 else torch.float32
     out = []
     for stage in range(pp):
         for tp_rank in range(tp):
