@@ -349,8 +349,9 @@ def _rank_list(ranks: list[int]) -> str:
     if len(ranks) <= 4:
         return ", ".join(map(str, ranks))
     step = ranks[1] - ranks[0]
-    return f"{ranks[0]}, {ranks[1]}, ..., {ranks[-1]} (every {step}th, {len(ranks)})" if step > 1 else \
-        f"{ranks[0]}-{ranks[-1]} ({len(ranks)})"
+    if step == 1:
+        return f"{ranks[0]}-{ranks[-1]} ({len(ranks)} ranks)"
+    return f"{ranks[0]}, {ranks[1]}, ..., {ranks[-1]} ({len(ranks)} ranks, step {step})"
 
 
 def format_report(report: DryRunReport) -> str:
@@ -405,10 +406,13 @@ def format_report(report: DryRunReport) -> str:
         row("update activations, selective recompute", [m.terms["activations"] for m in run])
     row("update activations, --recompute-granularity full", [m.terms["activations"] for m in mem["full_recompute"]],
         report.recompute == "full")
-    row("sampler KV cache + Mamba states, whole sample batch", [m.terms["sampler_cache"] for m in run])
+    docs = -(-s.contexts // (s.positions_per_doc * r.dp))
+    row(f"sampler KV cache + Mamba states, {docs} documents x G", [m.terms["sampler_cache"] for m in run])
     row("  of which one decode micro-batch", [m.sampler_microbatch for m in run], False)
     lines.append("  " + "-" * (54 + 12 * r.pp))
     row("peak = static + max(activations, sampler)", [m.peak for m in run])
+    lines.append("    not counted: CUDA context, NCCL buffers, allocator fragmentation, the loss's "
+                 "log-prob workspace (leave a few GiB)")
     lines.append(f"    limit --dry-run-gpu-memory-gb: {report.limit_bytes / GIB:g} GiB;  "
                  + ",  ".join(f"stage {m.stage}: {'fits' if m.peak <= report.limit_bytes else 'DOES NOT FIT'}"
                               f" (largest term {TERM_NAMES[m.largest_term]})" for m in run))
@@ -424,9 +428,9 @@ def format_report(report: DryRunReport) -> str:
          ph["optimizer"].hardware_flops + ph["ema"].hardware_flops),
     ]
     lines += ["", f"FLOPs per iteration (estimate; hardware adds recompute = {report.recompute})",
-              f"  {'phase':<30}{'model PFLOP':>14}{'hardware PFLOP':>16}{'TFLOP per GPU':>15}"]
+              f"  {'phase':<30}{'model PFLOP':>14}{'hardware PFLOP':>16}{'hw TFLOP per GPU':>18}"]
     for name, model_f, hw_f in phases + [("total", cost.model_flops, cost.hardware_flops)]:
-        lines.append(f"  {name:<30}{model_f / 1e15:>14.1f}{hw_f / 1e15:>16.1f}{hw_f / r.world_size / 1e12:>15.1f}")
+        lines.append(f"  {name:<30}{model_f / 1e15:>14.1f}{hw_f / 1e15:>16.1f}{hw_f / r.world_size / 1e12:>18.1f}")
     return "\n".join(lines)
 
 
