@@ -130,6 +130,7 @@ def test_sampler_cache_is_named_when_it_is_the_culprit(no_process_group, capsys)
     (_flags("qwen3-1.7b", 1, 1, 12), 8, "--global-batch-size 12 is not a multiple"),
     (_flags("qwen3-1.7b", 1, 1, 8, "--seq-length", "2048"), 8, "cannot hold an RLP row"),
     (_flags("qwen3-1.7b", 2, 1, 8, "--recompute-granularity", "full"), 8, "--recompute-method"),
+    (["--model-preset", "tiny", "--global-batch-size", "8"], 8, "--dry-run models RLP iterations"),
 ])
 def test_invalid_layout_is_refused(no_process_group, capsys, flags, world, message):
     assert main(flags + ["--dry-run", "--world-size", str(world)]) == 2
@@ -159,3 +160,18 @@ def test_example_scripts_fit_in_80_gb(no_process_group, capsys, script):
     flags, world = _example(script)
     assert main(flags + ["--dry-run", "--world-size", str(world)]) == 0, capsys.readouterr().err
     assert "DOES NOT FIT" not in capsys.readouterr().out
+
+
+def test_cost_model_memory_takes_the_built_parameter_counts():
+    preset = get_preset("qwen3-1.7b")
+    settings = cm.RLPSettings(contexts=8, context_len=64, num_thoughts=4, thought_len=16)
+    layout = cm.Layout(pp=2, dp=1)
+    built = [1000, 3000]
+    memory = cm.stage_memory(preset, layout, settings, parameters=built)
+    assert [m.parameters for m in memory] == built
+    assert [m.terms["weights"] for m in memory] == [2000, 6000]       # bf16
+    assert [m.terms["ema_teacher"] for m in memory] == [4000, 12000]  # fp32
+    default = cm.stage_memory(preset, layout, settings)
+    assert [m.parameters for m in default] == cm.stage_parameters(preset, pp=2)
+    with pytest.raises(ValueError, match="1 stage parameter counts for 2 pipeline stages"):
+        cm.stage_memory(preset, layout, settings, parameters=[5])
