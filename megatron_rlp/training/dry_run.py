@@ -267,6 +267,8 @@ def plan(run, world_size: int, gpu_memory_gb: float = 80.0) -> DryRunReport:
         sequence_parallel=par.sequence_parallel and tp > 1,
         flash_attention=True,  # the cluster runs Transformer Engine's fused attention
         sampler_micro_batch_size=rlp.rlp_sampler_micro_batch_size,
+        recompute_method=t.recompute_method or "uniform",
+        recompute_num_layers=t.recompute_num_layers or 1,
     )
 
     def memory(**change):
@@ -284,7 +286,8 @@ def plan(run, world_size: int, gpu_memory_gb: float = 80.0) -> DryRunReport:
         "plain_optimizer": memory(distributed_optimizer=False),
         "distributed_optimizer": memory(distributed_optimizer=True),
         "no_recompute": memory(recompute="none"),
-        "full_recompute": memory(recompute="full"),
+        "full_recompute": memory(recompute="full") if recompute == "full" else
+        memory(recompute="full", recompute_method="uniform", recompute_num_layers=1),
     }
     return report
 
@@ -404,8 +407,9 @@ def format_report(report: DryRunReport) -> str:
         report.recompute == "none")
     if report.recompute == "selective":
         row("update activations, selective recompute", [m.terms["activations"] for m in run])
-    row("update activations, --recompute-granularity full", [m.terms["activations"] for m in mem["full_recompute"]],
-        report.recompute == "full")
+    method, k = (L.recompute_method, L.recompute_num_layers) if report.recompute == "full" else ("uniform", 1)
+    row(f"update activations, full recompute ({method}, {k} layer{'s' if k > 1 else ''})",
+        [m.terms["activations"] for m in mem["full_recompute"]], report.recompute == "full")
     docs = -(-s.contexts // (s.positions_per_doc * r.dp))
     row(f"sampler KV cache + Mamba states, {docs} documents x G", [m.terms["sampler_cache"] for m in run])
     row("  of which one decode micro-batch", [m.sampler_microbatch for m in run], False)
@@ -427,7 +431,9 @@ def format_report(report: DryRunReport) -> str:
         ("optimizer + EMA", ph["optimizer"].model_flops + ph["ema"].model_flops,
          ph["optimizer"].hardware_flops + ph["ema"].hardware_flops),
     ]
-    lines += ["", f"FLOPs per iteration (estimate; hardware adds recompute = {report.recompute})",
+    lines += ["", f"FLOPs per iteration (estimate; hardware adds recompute = {report.recompute}"
+              + (", counted as every layer" if report.recompute == "full" and L.recompute_method == "block" else "")
+              + ")",
               f"  {'phase':<30}{'model PFLOP':>14}{'hardware PFLOP':>16}{'hw TFLOP per GPU':>18}"]
     for name, model_f, hw_f in phases + [("total", cost.model_flops, cost.hardware_flops)]:
         lines.append(f"  {name:<30}{model_f / 1e15:>14.1f}{hw_f / 1e15:>16.1f}{hw_f / r.world_size / 1e12:>18.1f}")

@@ -175,3 +175,24 @@ def test_cost_model_memory_takes_the_built_parameter_counts():
     assert [m.parameters for m in default] == cm.stage_parameters(preset, pp=2)
     with pytest.raises(ValueError, match="1 stage parameter counts for 2 pipeline stages"):
         cm.stage_memory(preset, layout, settings, parameters=[5])
+
+
+def test_block_and_chunked_recompute_keep_more_than_one_layer_at_a_time():
+    """--recompute-method block K keeps everything of the stage's other layers; uniform K rebuilds
+    K layers at once.  Both hold more than uniform 1; block over every layer equals uniform 1."""
+    preset = get_preset("tiny")  # 4 GPT layers, all alike: per-layer activations a, layer input h
+    settings = cm.RLPSettings(contexts=2, context_len=60, num_thoughts=2, thought_len=2)
+
+    def act(method, k):
+        layout = cm.Layout(recompute="full", recompute_method=method, recompute_num_layers=k)
+        return cm.stage_memory(preset, layout, settings)[0].terms["activations"]
+
+    none = cm.stage_memory(preset, cm.Layout(), settings)[0].terms["activations"]
+    one = act("uniform", 1)                   # 4 h + a
+    assert act("block", 4) == one
+    a, h = (none / 4, (one - none / 4) / 4)   # solve for the per-layer terms
+    assert act("block", 1) == pytest.approx(h + 3 * a, rel=1e-9)
+    assert act("uniform", 2) == pytest.approx(2 * h + 2 * a, rel=1e-9)
+    assert one < act("uniform", 2) < act("block", 1) < none
+    with pytest.raises(ValueError, match="recompute_method"):
+        cm.Layout(recompute="full", recompute_method="selective")
