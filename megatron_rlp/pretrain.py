@@ -117,9 +117,9 @@ def run_training(run, on_iteration=None) -> list[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = build_parser().parse_args(argv)
-    run = _run_config(ns)
     if ns.dry_run or ns.world_size is not None:
-        return run_dry_run(run, ns)
+        return run_dry_run(ns)
+    run = _run_config(ns)
     from megatron_rlp.data.documents import DataError
     from megatron_rlp.training.checkpoint import CheckpointError
     from megatron_rlp.training.loop import TrainingError
@@ -137,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def run_dry_run(run, ns: argparse.Namespace) -> int:
+def run_dry_run(ns: argparse.Namespace) -> int:
     """--dry-run: exit status 0 when the layout fits, 2 when it is invalid, 3 when it does not fit."""
     if not ns.dry_run or ns.world_size is None:
         print("error: --dry-run and --world-size N go together (N: the job's GPUs, nodes x GPUs per node)",
@@ -145,7 +145,8 @@ def run_dry_run(run, ns: argparse.Namespace) -> int:
         return 2
     from megatron_rlp.training import dry_run
 
-    dry_run.hide_gpus()
+    dry_run.hide_gpus()  # before anything asks torch about CUDA
+    run = _run_config(ns)
     try:
         dry_run.dry_run(run, ns.world_size, ns.dry_run_gpu_memory_gb, print_fn=lambda text: print(text, flush=True))
     except ValueError as e:

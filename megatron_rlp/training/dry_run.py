@@ -143,6 +143,9 @@ def build_rank_models(run, preset, world_size: int) -> list[RankModel]:
     if dist.is_initialized():
         raise RuntimeError("the dry run simulates its ranks in a fake process group: call it in a "
                            "process without torch.distributed initialised")
+    if torch.cuda.is_available():  # megatron would pick Transformer Engine layers; keep one code path
+        raise RuntimeError("the dry run builds on the CPU code path: start it with CUDA_VISIBLE_DEVICES= "
+                           "(python -m megatron_rlp.pretrain --dry-run does)")
     platform.setup_platform()
     tp, pp = run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
