@@ -617,3 +617,30 @@ def to_device(batch: dict) -> dict:
     loss and the collectives that reduce its report need them on the GPU)."""
     where = device()
     return {k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+# --- the dry run: models on the meta device ---------------------------------------------------
+def _is_meta(value: Any) -> bool:
+    return (isinstance(value, torch.device) and value.type == "meta") or value == "meta"
+
+
+class _MetaDeviceMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments (and bare device indices) of every torch call to 'meta'."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device_arg = kwargs.get("device")
+        if device_arg is not None and not _is_meta(device_arg) and (
+            _is_cuda_spec(device_arg) or (isinstance(device_arg, int) and not isinstance(device_arg, bool))
+        ):
+            kwargs = dict(kwargs, device=torch.device("meta"))
+        if args and any(_is_cuda_spec(a) for a in args):
+            args = tuple(torch.device("meta") if _is_cuda_spec(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device():
+    """Inside it, tensors created on 'cuda' (megatron's ``device=torch.cuda.current_device()``)
+    or without a device live on the meta device: shapes and dtypes, no storage, no compute.
+    ``--dry-run`` builds a 12B model chunk this way in well under a second."""
+    with _MetaDeviceMode(), torch.device("meta"):
+        yield

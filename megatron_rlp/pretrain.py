@@ -22,7 +22,22 @@ def build_parser() -> argparse.ArgumentParser:
     for title, cls in cfg.CONFIG_GROUPS.items():
         cfg.add_dataclass_args(parser, cls, title)
     _add_objective_args(parser)
+    _add_dry_run_args(parser)
     return parser
+
+
+def _add_dry_run_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("dry run")
+    group.add_argument(
+        "--dry-run", action="store_true",
+        help="Run nothing: validate the layout, build every distinct rank's model chunk on the meta "
+        "device and print its parameters, estimated memory per GPU and FLOPs per iteration; exit "
+        "non-zero if a GPU would need more than --dry-run-gpu-memory-gb. Needs --world-size.",
+    )
+    group.add_argument("--world-size", type=int, default=None,
+                       help="Number of GPUs the planned job runs on (nodes x GPUs per node), for --dry-run.")
+    group.add_argument("--dry-run-gpu-memory-gb", type=float, default=80.0,
+                       help="Memory of one GPU in GiB for --dry-run's check (default 80).")
 
 
 def _add_objective_args(parser: argparse.ArgumentParser) -> None:
@@ -35,9 +50,12 @@ def _add_objective_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_run_config(argv: Optional[Sequence[str]] = None):
+    return _run_config(build_parser().parse_args(argv))
+
+
+def _run_config(ns: argparse.Namespace):
     from megatron_rlp.training.loop import RunConfig
 
-    ns = build_parser().parse_args(argv)
     run = RunConfig(**{name: cfg.from_namespace(cls, ns) for name, cls in cfg.CONFIG_GROUPS.items()})
     if getattr(ns, "rlp", False):
         from megatron_rlp.rlp.config import RLPConfig
@@ -99,7 +117,10 @@ def run_training(run, on_iteration=None) -> list[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    run = parse_run_config(argv)
+    ns = build_parser().parse_args(argv)
+    if ns.dry_run or ns.world_size is not None:
+        return run_dry_run(ns)
+    run = _run_config(ns)
     from megatron_rlp.data.documents import DataError
     from megatron_rlp.training.checkpoint import CheckpointError
     from megatron_rlp.training.loop import TrainingError
@@ -114,6 +135,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+    return 0
+
+
+def run_dry_run(ns: argparse.Namespace) -> int:
+    """--dry-run: exit status 0 when the layout fits, 2 when it is invalid, 3 when it does not fit."""
+    if not ns.dry_run or ns.world_size is None:
+        print("error: --dry-run and --world-size N go together (N: the job's GPUs, nodes x GPUs per node)",
+              file=sys.stderr, flush=True)
+        return 2
+    from megatron_rlp.training import dry_run
+
+    dry_run.hide_gpus()  # before anything asks torch about CUDA
+    run = _run_config(ns)
+    try:
+        dry_run.dry_run(run, ns.world_size, ns.dry_run_gpu_memory_gb, print_fn=lambda text: print(text, flush=True))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except dry_run.LayoutDoesNotFit as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

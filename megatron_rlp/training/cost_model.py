@@ -491,11 +491,16 @@ class Layout:
     sequence_parallel: bool = False
     flash_attention: bool = True
     sampler_micro_batch_size: Optional[int] = None
+    recompute_method: str = "uniform"   # with recompute="full" [--recompute-method]
+    recompute_num_layers: int = 1       # [--recompute-num-layers]: uniform chunk size / block layers per stage
 
     def __post_init__(self):
         if self.params_dtype not in _DTYPE_BYTES:
             raise ValueError(f"params_dtype must be 'bf16' or 'fp32'; got {self.params_dtype!r}")
         _check_recompute(self.recompute)
+        if self.recompute_method not in ("uniform", "block") or self.recompute_num_layers < 1:
+            raise ValueError("recompute_method must be 'uniform' or 'block' and recompute_num_layers >= 1; "
+                             f"got {self.recompute_method!r}, {self.recompute_num_layers}")
         if min(self.tp, self.pp, self.dp, self.micro_batch_size) < 1:
             raise ValueError("tp, pp, dp and micro_batch_size must be >= 1")
 
@@ -552,7 +557,7 @@ def _activation_bytes_per_token(p: ModelPreset, kind: str, tp: int, sp: bool, sc
 
 
 def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
-                 variant: str = "rows") -> list[StageMemory]:
+                 variant: str = "rows", parameters: Optional[Sequence[int]] = None) -> list[StageMemory]:
     """Memory per GPU of each pipeline stage during an RLP iteration.
 
     Exact for the parameter count: ``weights`` (params dtype), ``main_grads`` (fp32 buffer),
@@ -562,7 +567,10 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
     * ``activations``: the update micro-batch (padded to its widest row: max context and thought
       length) through this stage's layers (:func:`_activation_bytes_per_token`), times the
       micro-batches 1F1B keeps in flight on the stage (PP − stage, at most the micro-batch count).
-      ``recompute="full"``: only each layer's input (h per token) plus one layer's working set;
+      ``recompute="full"``, ``recompute_method="uniform"``: each chunk of ``recompute_num_layers``
+      layers keeps only its input (h per token), plus one chunk's working set while it is rebuilt;
+      ``"block"``: the first ``recompute_num_layers`` layers of the stage keep only their inputs,
+      the others keep everything;
       ``"selective"``: the softmax output is not kept (no difference with fused attention).
     * ``sampler_cache``: the sampler's peak: the prefill caches (each document up to its largest
       position, Mamba states and a state snapshot per context) plus the decode caches of every
@@ -570,12 +578,20 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
       cache row of aligned context + thought cap per branch, the "rows" layout; the "tree" layout
       for GPT models is smaller) before it decodes and frees the prefill caches.
       ``sampler_microbatch`` is the share of one decode micro-batch.
+
+    ``parameters``: the parameter count of one GPU of each stage when it is known from a built
+    model (the dry run builds every stage on the meta device); default :func:`stage_parameters`.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     L, s, g = layout, settings, settings.num_thoughts
     stages = stage_layer_kinds(preset, L.pp, L.first_stage_layers, L.last_stage_layers)
-    params = stage_parameters(preset, L.tp, L.pp, L.first_stage_layers, L.last_stage_layers)
+    if parameters is None:
+        params = stage_parameters(preset, L.tp, L.pp, L.first_stage_layers, L.last_stage_layers)
+    elif len(parameters) != L.pp:
+        raise ValueError(f"{len(parameters)} stage parameter counts for {L.pp} pipeline stages")
+    else:
+        params = list(parameters)
     wbytes = _DTYPE_BYTES[L.params_dtype]
     opt_per_param = (4 if L.params_dtype == "bf16" else 0) + 8
     opt_div = L.dp if L.distributed_optimizer else 1
@@ -606,8 +622,16 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
         per_token = [_activation_bytes_per_token(preset, k, L.tp, L.sequence_parallel, scores_len, wbytes)
                      for k in kinds]
         if L.recompute == "full":
-            held = len(kinds) * wbytes * d["h"] / (L.tp if L.sequence_parallel else 1)
-            act_mb = mb_tokens * held + mb_tokens * max(per_token, default=0.0)
+            layer_input = wbytes * d["h"] / (L.tp if L.sequence_parallel else 1)
+            k = L.recompute_num_layers
+            if L.recompute_method == "block":
+                # Backward meets the kept layers first (all their activations), then rebuilds the
+                # recomputed ones one at a time.
+                r = min(k, len(kinds))
+                act_mb = mb_tokens * (r * layer_input + max(sum(per_token[r:]), max(per_token[:r], default=0.0)))
+            else:
+                chunks = [sum(per_token[i:i + k]) for i in range(0, len(kinds), k)]
+                act_mb = mb_tokens * (len(chunks) * layer_input + max(chunks, default=0.0))
         else:
             act_mb = mb_tokens * sum(per_token)
         in_flight = min(num_microbatches, L.pp - i)

@@ -391,6 +391,33 @@ class _PreemptionFlag:
             signal.signal(sig, handler)
 
 
+def peak_memory_line(iteration: int) -> str:
+    """Every rank's measured peak memory, gathered and summarised per pipeline stage, to compare
+    with ``--dry-run``'s estimate.  A collective: every rank calls it.  On a GPU
+    torch.cuda.max_memory_allocated; on CPU the process's peak resident set size (labelled so:
+    it includes the interpreter and libraries, and is no GPU estimate)."""
+    if platform.cuda_available():
+        peak, what = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        peak, what = rss * (1 if sys.platform == "darwin" else 1024), "CPU run: peak process RSS"
+    mine = torch.tensor([float(peak), float(parallel_state.get_pipeline_model_parallel_rank())],
+                        device=platform.device())
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    stages: dict[int, list[tuple[float, int]]] = {}
+    for rank, t in enumerate(everyone):
+        stages.setdefault(int(t[1].item()), []).append((t[0].item(), rank))
+    parts = []
+    for stage, peaks in sorted(stages.items()):
+        (hi, hi_rank), (lo, _) = max(peaks), min(peaks)
+        parts.append(f"stage {stage}: max {hi / 2**30:.2f} GiB (rank {hi_rank}), min {lo / 2**30:.2f} GiB")
+    return f"peak memory after iteration {iteration} ({what}; compare with --dry-run): " + "; ".join(parts)
+
+
 def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
     """Run until --train-iters; returns the per-iteration metrics (identical on every rank)."""
     run = state.run
@@ -496,6 +523,8 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
             record = dict(metrics, iteration=state.iteration, lr=lr, grad_norm=grad_norm,
                           elapsed_ms=elapsed * 1000, tflops_per_gpu=tflops)
             history.append(record)
+            if len(history) == 1:
+                writer.log(peak_memory_line(state.iteration))
             if on_iteration is not None:
                 on_iteration(state.iteration, record)
             if state.iteration % log_cfg.log_interval == 0 or state.iteration == t.train_iters:

@@ -71,9 +71,14 @@ def test_layouts_match_single_process(corpus, baseline, tp, pp, extra):
 
 
 @pytest.mark.world_size(4)
-def test_tp2_pp2_matches_single_process(corpus, baseline):
+def test_tp2_pp2_matches_single_process(corpus, baseline, capsys):
     history = _train(tiny_run_args(corpus, tp=2, pp=2, iters=ITERS))
     _assert_same(losses(history), losses(baseline)[:ITERS])
+    if dist.get_rank() == dist.get_world_size() - 1:  # the logging rank: every rank's peak, by stage
+        (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("peak memory after")]
+        assert "stage 0: max" in line and "stage 1: max" in line
+        ranks = [int(r.split(")")[0]) for r in line.split("(rank ")[1:]]
+        assert ranks[0] in (0, 1) and ranks[1] in (2, 3)  # TP-fastest rank order: stage 1 = ranks 2, 3
 
 
 @pytest.mark.world_size(2)

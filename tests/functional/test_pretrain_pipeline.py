@@ -48,6 +48,14 @@ def test_preprocess_train_save_resume_is_identical(dataset, tmp_path, capsys):
     for field in ("consumed samples:           24", "elapsed time per iteration (ms)",
                   "throughput per GPU (TFLOP/s/GPU)", "learning rate", "lm loss", "grad norm"):
         assert field in line
+    # The measured peak after each process's first iteration (to compare with --dry-run), labelled
+    # as what it is on CPU; a resumed run measures its own first iteration.
+    peaks = [l for l in out.splitlines() if l.startswith("peak memory after iteration")]
+    assert [l.split()[4] for l in peaks] == ["1", "1", "4"]
+    assert all("(CPU run: peak process RSS; compare with --dry-run): stage 0: max " in l and "(rank 0)" in l
+               for l in peaks)
+    peak_gib = float(peaks[0].split("max ")[1].split()[0])
+    assert 0.05 < peak_gib < 64  # an RSS in GiB, not bytes or KiB
     events = [f for f in os.listdir(tb) if f.startswith("events.out.tfevents")]
     assert events, "TensorBoard event file was not written"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
