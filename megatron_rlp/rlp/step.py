@@ -11,7 +11,8 @@ Before the pipeline schedule (:meth:`RLPObjective.microbatches`):
      the same micro-batch.
 Inside the schedule (:meth:`forward_step` / :func:`rlp_loss_func`, last pipeline stage):
   5. one forward gives, through the fused linear log-prob kernel, S_pred = log p_θ(x_t | …, c_i)
-     (detached) and the log-probs of the sampled thought tokens (with grad);
+     (detached, T = 1) and the log-probs of the sampled thought tokens (with grad) under the
+     policy that drew them, softmax(logits / T) (T = 1 with --rlp-untempered-ratio);
   6. rewards r = S_pred − S_ema, advantages A = G/(G−1)(r − r̄), the clipped surrogate over the
      sampled thought tokens only (a forced close gets no gradient).
 After the optimizer step (:meth:`after_optimizer_step`):
@@ -40,7 +41,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rlp.data.documents import DataError, Window
 from megatron_rlp.kernels import linear_logprob
 from megatron_rlp.rlp.config import (
-    RLPConfig, longest_context, resolve_markers, validate_rlp_config, validate_rlp_lengths,
+    RLPConfig, longest_context, policy_inverse_temperature, resolve_markers, validate_rlp_config,
+    validate_rlp_lengths,
 )
 from megatron_rlp.rlp.ema import EMATeacher
 from megatron_rlp.rlp.objective import group_advantages, rlp_loss
@@ -170,6 +172,22 @@ def _round_up(n: int, multiple: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # The loss on the last pipeline stage
 # ---------------------------------------------------------------------------------------------
+def _score_at_policy_temperature(rows: torch.Tensor, config: RLPConfig) -> torch.Tensor:
+    """Thought rows [B, L+1, H] and the x_t row [B, 1, H] (last) -> the hidden states whose log-probs
+    are those of the right distribution: the thought tokens' under softmax(logits / T), the policy
+    that sampled them (log π_θ of ρ, its gradient, the entropy); x_t's (S_pred) at T = 1.
+
+    logits / T = (h / T)·W, so the fused kernel needs no temperature; autograd carries the 1/T
+    into the hidden gradient, and the weight gradient is taken against h / T as it should be.
+    """
+    inverse_t = policy_inverse_temperature(config)
+    if inverse_t == 1.0:
+        return rows
+    scale = torch.full((rows.shape[1], 1), inverse_t, dtype=rows.dtype, device=rows.device)
+    scale[-1] = 1.0
+    return rows * scale
+
+
 def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Tensor,
                   vocab_size: Optional[int] = None):
     """Rewards, advantages and the clipped surrogate of one micro-batch (G branches per context).
@@ -190,7 +208,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
     slots = torch.cat([batch["thought_slot"], batch["target_slot"][:, None]], dim=1)  # [B, L+2]
     valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool)], dim=1)
     targets = torch.where(valid, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
-    rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
+    rows = _score_at_policy_temperature(_gather_rows(hidden, slots), config).reshape(-1, hidden.shape[-1])
     logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True,
                                    vocab_size=vocab_size, reduce_hidden_grad=reduce_grad)
     logp = logp.view(b, -1)
@@ -415,6 +433,8 @@ class RLPObjective:
         width = int((thoughts.position + closed_len.max(dim=1).values).max()) + 1
         width = _round_up(width, _sequence_multiple(self.models[0]))
         per_mb = self.micro_batch_size * c.rlp_positions_per_doc  # contexts per micro-batch
+        # The sampler's record of the policy the update scores (rlp/sample_logprob_drift).
+        recorded_lp = thoughts.logprobs if c.rlp_untempered_ratio else thoughts.tempered_logprobs
         microbatches = []
         self._last_tokens = 0
         for m in range(num_microbatches):
@@ -426,7 +446,7 @@ class RLPObjective:
             mb["closed_len"] = closed_len[ctx].reshape(-1)
             mb["forced"] = thoughts.forced[ctx].reshape(-1)
             sample_lp = torch.zeros_like(mb["thought_mask"], dtype=torch.float32)
-            sample_lp[:, : thoughts.logprobs.shape[-1]] = thoughts.logprobs[ctx].reshape(-1, thoughts.logprobs.shape[-1])
+            sample_lp[:, : recorded_lp.shape[-1]] = recorded_lp[ctx].reshape(-1, recorded_lp.shape[-1])
             mb["logp_sample"] = sample_lp
             if s_ema is not None and s_ema.numel():
                 mb["s_ema"] = s_ema[ctx].float()
@@ -441,7 +461,9 @@ class RLPObjective:
     def _score_reference(self, microbatches: list[dict]) -> None:
         """log π_ref of the thought tokens (frozen initial model), for the optional KL term."""
         with self.reference.swap_into(self.models), torch.no_grad():
-            outputs = self._forward_only(microbatches, partial(_score_thoughts_loss, vocab_size=self.vocab_size))
+            outputs = self._forward_only(microbatches, partial(
+                _score_thoughts_loss, vocab_size=self.vocab_size,
+                inverse_temperature=policy_inverse_temperature(self.config)))
         if parallel_state.is_pipeline_last_stage():
             for mb, out in zip(microbatches, outputs):
                 mb["logp_ref"] = out["logp"]
@@ -494,11 +516,14 @@ def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_siz
     return torch.zeros((), requires_grad=False), {"logp": logp.detach()}
 
 
-def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
+def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None,
+                         inverse_temperature: float = 1.0):
+    """log π_ref of the thought tokens, under the same temperature as the policy's log-probs (the
+    k3 KL estimate is unbiased for tokens drawn from the policy it compares, the tempered one)."""
     hidden, _ = _final_hidden(output_tensor, model)
     slots = batch["thought_slot"]
     targets = torch.where(slots >= 0, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
-    rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
+    rows = (_gather_rows(hidden, slots) * inverse_temperature).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
     return torch.zeros(()), {"logp": logp.detach().view(slots.shape)}

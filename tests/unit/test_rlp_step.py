@@ -25,6 +25,48 @@ def test_one_iteration_matches_reference_tp1(corpus, tie):
     assert any(v.abs().max() > 0 for v in mega["grads"].values())
 
 
+def test_untempered_ratio_flag_scores_thoughts_at_t1(corpus):
+    """--rlp-untempered-ratio keeps the old scoring (thought tokens at T = 1), which the reference
+    at T = 1 reproduces; at T = 0.7 with these logits it is a clearly different update from the
+    default (the tempered run's gradients differ by > 1 %), so the tempered parity test above
+    cannot pass by accident with untempered scoring."""
+    from rlp_parity import run_parity
+
+    untempered, ref = run_parity(corpus, tp=1, pp=1, temperature=0.7, untempered_ratio=True)
+    check_against_reference(untempered, ref)
+    tempered, _ = run_parity(corpus, tp=1, pp=1, temperature=0.7)
+    rel = max(((tempered["grads"][n] - untempered["grads"][n]).abs().max()
+               / untempered["grads"][n].abs().max().clamp(min=1e-12)).item() for n in tempered["grads"])
+    assert rel > 0.01
+    # The entropy metric follows the scored policy: lower when tempered at T < 1.
+    assert tempered["history"]["rlp/policy_entropy"] < untempered["history"]["rlp/policy_entropy"] - 0.05
+
+
+def test_kl_reference_is_scored_at_the_sampling_temperature(corpus):
+    """With --rlp-kl-beta the frozen reference's log-probs of the thought tokens are taken under
+    softmax(logits / T) like the policy's (k3 is unbiased only for tokens drawn from the policy it
+    compares): at the first iteration π_ref = θ, so they equal the reference's tempered log-probs,
+    the KL is 0 and the update still matches the reference."""
+    from rlp_parity import run_parity
+
+    mega, ref = run_parity(corpus, tp=1, pp=1, temperature=0.7, kl_beta=0.5)
+    check_against_reference(mega, ref)
+    assert mega["history"]["rlp/kl"] == pytest.approx(0.0, abs=1e-6)
+    got = torch.cat([mb["logp_ref"] for mb in mega["microbatches"]])  # [contexts*G, L+1]
+    mask = torch.cat([mb["thought_mask"] for mb in mega["microbatches"]])
+    want = [lp for per_context in ref["logp_thought"] for lp in per_context]
+    for row, lp in enumerate(want):
+        n = int(mask[row].sum())
+        assert n == lp.numel()
+        assert torch.allclose(got[row][mask[row]], lp, atol=1e-5), row
+
+
+def test_greedy_needs_the_untempered_ratio():
+    with pytest.raises(ValueError, match=r"--rlp-temperature 0 \(greedy\).*--rlp-untempered-ratio"):
+        validate_rlp_config(RLPConfig(rlp_temperature=0.0))
+    validate_rlp_config(RLPConfig(rlp_temperature=0.0, rlp_untempered_ratio=True))
+
+
 def test_update_does_not_depend_on_the_teacher(corpus):
     """S_ema cancels from the group advantage: the gradients are bitwise the same whatever the
     teacher holds, and whether or not its forward runs (--rlp-baseline-interval)."""
