@@ -92,14 +92,15 @@ class GivenThoughtSource:
 def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noise: float = 0.0,
                skip_baseline: bool = False, num_layers: int = 2, first_stage_layers=None,
                last_stage_layers=None, temperature: float = 0.7, untempered_ratio: bool = False,
-               logit_scale: float = LOGIT_SCALE, kl_beta: float = 0.0):
+               logit_scale: float = LOGIT_SCALE, kl_beta: float = 0.0, reference: bool = True):
     """Returns (megatron results, reference results, local shard of the reference tensors).
     ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers).
     ``temperature``: --rlp-temperature (the reference scores the thought tokens at it, or at 1 with
     ``untempered_ratio``).  ``logit_scale`` multiplies the final norm's weight, so the logits are
     large enough (|z| of several nats) that softmax(z / T) and softmax(z) differ clearly.
     ``kl_beta``: --rlp-kl-beta; the frozen reference is θ itself at this first iteration, so the KL
-    and its gradient are 0 and the parity holds; ``logp_ref`` of each micro-batch is returned."""
+    and its gradient are 0 and the parity holds; ``logp_ref`` of each micro-batch is returned.
+    ``reference=False``: the megatron run only (e.g. at DP > 1, which the reference does not split)."""
     run = RunConfig()
     run.model.model_preset, run.model.num_layers, run.model.layout_invariant_init = "tiny", num_layers, True
     run.parallel.decoder_first_pipeline_num_layers = first_stage_layers
@@ -153,9 +154,14 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
         "ema": {n: objective.teacher.shadow(f"0.{n}") for n, _ in model.named_parameters()},
         "microbatches": objective._cached,
         "history": history[0],
+        "source": source,  # the contexts it was asked for and the thoughts it gave
+        "preset": preset,
         "last_stage": state.model[0].module.post_process if hasattr(state.model[0].module, "post_process") else model.post_process,
     }
 
+    if not reference:
+        parallel.destroy()
+        return mega, None
     # The reference: same weights, same contexts, same thoughts.
     cfg = RefConfig(vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, ffn_hidden_size=preset.ffn_hidden_size,
                     num_layers=preset.num_layers, num_heads=preset.num_attention_heads,
@@ -268,7 +274,10 @@ def run_short_rlp(corpus, preset, tp, pp, tmp_path_factory):
         assert all(torch.isfinite(torch.tensor(h["rlp loss"])) for h in history)
         assert history[-1]["rlp/ema_gap"] > 0
         assert 1 <= history[-1]["rlp/thought_len_mean"] <= 4
-        assert history[-1]["rlp/sample_logprob_drift"] < 1e-4  # sampler and update agree
+        assert history[-1]["rlp/sample_logprob_drift"] < 1e-4  # sampler and update agree (both at T)
+        # The logged iteration's phase timers, the sampler's prefill and decode included.
+        assert {"rlp-teacher", "rlp-sampling", "rlp-sampling-prefill", "rlp-sampling-decode", "forward-backward",
+                "optimizer", "rlp-ema"} <= set(history[-1]["timers_ms"])
         assert checkpoint.read_tracker(save) == 2
         saved_teacher = {k: v.clone() for k, v in objective.teacher.state_dict().items()}
         parallel.destroy()

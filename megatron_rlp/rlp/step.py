@@ -46,7 +46,10 @@ from megatron_rlp.rlp.config import (
 )
 from megatron_rlp.rlp.ema import EMATeacher
 from megatron_rlp.rlp.objective import group_advantages, rlp_loss
+from megatron_rlp import platform
 from megatron_rlp.training.checkpoint import unwrap_model
+from megatron_rlp.training.cost_model import IterationCost, PhaseCost, rlp_batch_cost
+from megatron_rlp.training.timers import Timers
 
 IGNORE = -100
 
@@ -310,8 +313,8 @@ class RLPObjective:
         self.thought_source = thought_source
         self.sample_batches = 0
         self._cached: list[dict] = []
-        self._last_tokens = 0
-        self._last_seq = 1
+        self._cost_inputs: Optional[dict] = None  # this rank's real lengths, for iteration_cost()
+        self.timers = Timers()  # the loop's phase timers replace this inactive one
         for chunk in self.models:
             chunk.return_hidden = True
 
@@ -400,6 +403,7 @@ class RLPObjective:
             self.reference = EMATeacher()
             self.reference.maybe_initialize(self.models)
         if iteration % self.config.rlp_updates_per_batch and self._cached:
+            self._cost_inputs["sampled"] = False  # no teacher, no sampling in this iteration
             return self._cached  # same θ_old, advantages fixed on the first pass
         self._cached = self._sample_batch(num_microbatches)
         self.sample_batches += 1
@@ -419,16 +423,24 @@ class RLPObjective:
         self.state.sync_parameters()  # θ_old must be the gathered θ (a no-op after the EMA's sync)
         s_ema = None
         if (self.sample_batches % c.rlp_baseline_interval) == 0:
-            s_ema = self._score_documents(docs, positions)
+            with self.timers("rlp-teacher"):
+                s_ema = self._score_documents(docs, positions)
 
-        thoughts = self.thought_source(
-            self.models[0], docs, positions, num_thoughts=g, max_thought_len=c.rlp_thought_len,
-            open_id=self.open_id, close_id=self.close_id, eod_id=self.eod_id,
-            temperature=c.rlp_temperature, seed=_sample_seed(self.seed, self.sample_batches, dp_rank),
-            max_sequence_length=self.max_sequence_length,
-            micro_batch_size=c.rlp_sampler_micro_batch_size, vocab_size=self.vocab_size,
-        )
+        with self.timers("rlp-sampling"):
+            thoughts = self.thought_source(
+                self.models[0], docs, positions, num_thoughts=g, max_thought_len=c.rlp_thought_len,
+                open_id=self.open_id, close_id=self.close_id, eod_id=self.eod_id,
+                temperature=c.rlp_temperature, seed=_sample_seed(self.seed, self.sample_batches, dp_rank),
+                max_sequence_length=self.max_sequence_length,
+                micro_batch_size=c.rlp_sampler_micro_batch_size, vocab_size=self.vocab_size,
+            )
+        self.timers.add("rlp-sampling-prefill", thoughts.stats.get("prefill_s"))
+        self.timers.add("rlp-sampling-decode", thoughts.stats.get("decode_s"))
         closed, closed_len = thoughts.closed_tokens(self.pad_id)
+        self._cost_inputs = {  # real tokens only: a thought's length before its close marker
+            "context_lens": thoughts.position.tolist(), "thought_lens": (closed_len - 1).tolist(),
+            "teacher_windows": [len(d) - 1 for d in docs] if s_ema is not None else [], "sampled": True,
+        }
         # x_<t, open, thought + close, x_t, minus the last token (inputs only).
         width = int((thoughts.position + closed_len.max(dim=1).values).max()) + 1
         width = _round_up(width, _sequence_multiple(self.models[0]))
@@ -436,7 +448,6 @@ class RLPObjective:
         # The sampler's record of the policy the update scores (rlp/sample_logprob_drift).
         recorded_lp = thoughts.logprobs if c.rlp_untempered_ratio else thoughts.tempered_logprobs
         microbatches = []
-        self._last_tokens = 0
         for m in range(num_microbatches):
             ctx = slice(m * per_mb, (m + 1) * per_mb)
             mb = build_update_sequences(
@@ -451,11 +462,8 @@ class RLPObjective:
             if s_ema is not None and s_ema.numel():
                 mb["s_ema"] = s_ema[ctx].float()
             microbatches.append(mb)
-            self._last_tokens += mb["tokens"].numel()
-            self._last_seq = mb["tokens"].shape[1]
         if self.reference is not None:
             self._score_reference(microbatches)
-        self._last_tokens *= dp_size
         return microbatches
 
     def _score_reference(self, microbatches: list[dict]) -> None:
@@ -476,16 +484,37 @@ class RLPObjective:
 
     # -- the hook the loop calls after the optimizer step ---------------------------------------
     def after_optimizer_step(self, model_chunks, iteration: int) -> dict:
-        self.state.sync_parameters()  # --overlap-param-gather: the step left θ partly stale
-        self.teacher.update(self.models, self.config.rlp_ema_decay)
-        gap = self.teacher.gap(
-            self.models, group=parallel_state.get_model_parallel_group(),
-            include_replicated=parallel_state.get_tensor_model_parallel_rank() == 0,
-        )
+        with self.timers("rlp-ema"):
+            self.state.sync_parameters()  # --overlap-param-gather: the step left θ partly stale
+            self.teacher.update(self.models, self.config.rlp_ema_decay)
+            gap = self.teacher.gap(
+                self.models, group=parallel_state.get_model_parallel_group(),
+                include_replicated=parallel_state.get_tensor_model_parallel_rank() == 0,
+            )
         return {"rlp/ema_gap": gap}
 
-    def tokens_per_step(self, global_batch_size: int) -> tuple[int, int]:
-        return max(self._last_tokens, 1), self._last_seq
+    # -- FLOPs of the iteration (the log line's TFLOP/s) ------------------------------------------
+    cost_variant = "rows"  # the update's layout in cost_model.VARIANTS terms
+
+    def iteration_cost(self, preset, global_batch_size: int, recompute: str = "none") -> IterationCost:
+        """The cost model's FLOPs of the iteration just run, whole job: this rank's actual batch
+        (each context at its t, each thought at its own length, no padding; teacher and sampling
+        only when they ran) summed over the data-parallel ranks.  The optimizer and EMA phases
+        are per model, not per rank."""
+        shape = self._cost_inputs
+        cost = rlp_batch_cost(
+            preset, shape["context_lens"], shape["thought_lens"], self.cost_variant, recompute,
+            teacher_windows=shape["teacher_windows"] if shape["sampled"] else [],
+            positions_per_doc=self.config.rlp_positions_per_doc, sampled=shape["sampled"],
+        )
+        per_rank = [k for k in cost.phases if k not in ("optimizer", "ema")]
+        if parallel_state.get_data_parallel_world_size() > 1:
+            values = torch.tensor([[cost.phases[k].model_flops, cost.phases[k].hardware_flops, cost.phases[k].tokens]
+                                   for k in per_rank], dtype=torch.float64, device=platform.device())
+            dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+            for k, (model_flops, hardware_flops, tokens) in zip(per_rank, values.tolist()):
+                cost.phases[k] = PhaseCost(model_flops, hardware_flops, tokens)
+        return cost
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -67,6 +67,38 @@ def test_greedy_needs_the_untempered_ratio():
     validate_rlp_config(RLPConfig(rlp_temperature=0.0, rlp_untempered_ratio=True))
 
 
+def test_log_line_flops_are_the_cost_model_of_the_real_batch(corpus, capsys):
+    """TFLOP/s/GPU counts every phase (teacher, sampling, update, optimizer, EMA) from the cost
+    model for this batch's real lengths: each context at its t, each thought at its own length.
+    The thoughts are uneven, so the update's padded rows hold more tokens than are counted."""
+    from megatron_rlp.training import cost_model as cm
+    from rlp_parity import G, run_parity
+
+    mega, _ = run_parity(corpus, tp=1, pp=1)
+    record, source = mega["history"], mega["source"]
+    docs, positions = source.calls[0]
+    context_lens = [t for pos in positions for t in pos]
+    thought_lens = [[len(c) for c in source.thoughts[i]] for i in range(len(context_lens))]
+    assert len({n for row in thought_lens for n in row}) > 1  # uneven thoughts
+    expected = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, "rows",
+                                 teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2)
+    assert all(expected.phases[k].model_flops > 0 for k in ("teacher", "sampling_prefill", "sampling_decode", "update"))
+    assert record["model_flops"] == pytest.approx(expected.model_flops, rel=1e-12)
+    assert record["tflops_per_gpu"] == pytest.approx(
+        expected.model_flops / (record["elapsed_ms"] / 1000) / 1e12, rel=1e-9)
+    # Real update tokens: context + open + thought + close per row; the rows are padded past that.
+    real = sum(t + n + 2 for t, row in zip(context_lens, thought_lens) for n in row)
+    assert expected.phases["update"].tokens == real
+    assert sum(mb["tokens"].numel() for mb in mega["microbatches"]) > real
+    assert len(source.thoughts[0]) == G
+    # The phase timers are in the log line and the record.
+    line = next(l for l in capsys.readouterr().out.splitlines() if "iteration        1/" in l)
+    phases = line.split("elapsed time per phase (ms): ")[1].split(" | ")[0]
+    assert [p.rsplit(" ", 1)[0] for p in phases.split(", ")] == [
+        "rlp-teacher", "rlp-sampling", "forward-backward", "optimizer", "rlp-ema"]
+    assert set(record["timers_ms"]) == {"rlp-teacher", "rlp-sampling", "forward-backward", "optimizer", "rlp-ema"}
+
+
 def test_update_does_not_depend_on_the_teacher(corpus):
     """S_ema cancels from the group advantage: the gradients are bitwise the same whatever the
     teacher holds, and whether or not its forward runs (--rlp-baseline-interval)."""
