@@ -92,7 +92,8 @@ class GivenThoughtSource:
 def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noise: float = 0.0,
                skip_baseline: bool = False, num_layers: int = 2, first_stage_layers=None,
                last_stage_layers=None, temperature: float = 0.7, untempered_ratio: bool = False,
-               logit_scale: float = LOGIT_SCALE, kl_beta: float = 0.0, reference: bool = True):
+               logit_scale: float = LOGIT_SCALE, kl_beta: float = 0.0, reference: bool = True,
+               iters: int = 1, updates_per_batch: int = 1):
     """Returns (megatron results, reference results, local shard of the reference tensors).
     ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers).
     ``temperature``: --rlp-temperature (the reference scores the thought tokens at it, or at 1 with
@@ -100,7 +101,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     large enough (|z| of several nats) that softmax(z / T) and softmax(z) differ clearly.
     ``kl_beta``: --rlp-kl-beta; the frozen reference is θ itself at this first iteration, so the KL
     and its gradient are 0 and the parity holds; ``logp_ref`` of each micro-batch is returned.
-    ``reference=False``: the megatron run only (e.g. at DP > 1, which the reference does not split)."""
+    ``reference=False``: the megatron run only (e.g. at DP > 1, which the reference does not split);
+    ``iters`` > 1 and ``updates_per_batch`` only then (the reference runs one iteration)."""
     run = RunConfig()
     run.model.model_preset, run.model.num_layers, run.model.layout_invariant_init = "tiny", num_layers, True
     run.parallel.decoder_first_pipeline_num_layers = first_stage_layers
@@ -109,13 +111,14 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     run.model.untie_embeddings_and_output_weights = not tie
     run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size = tp, pp
     t = run.training
-    t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, 2, 1, LR, 3
+    t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, 2, iters, LR, 3
     # SGD: Adam's first step is lr * sign(g), which turns 1e-9 gradient noise into lr-sized steps.
     t.weight_decay, t.clip_grad, t.lr_decay_style, t.optimizer, t.sgd_momentum = 0.0, 0.0, "constant", "sgd", 0.0
     rlp = RLPConfig(rlp_num_thoughts=G, rlp_thought_len=4, rlp_positions_per_doc=2, rlp_min_context=3,
                     rlp_ema_decay=0.9, rlp_clip_low=0.2, rlp_clip_high=0.28,
                     rlp_baseline_interval=1000 if skip_baseline else 1, rlp_temperature=temperature,
-                    rlp_untempered_ratio=untempered_ratio, rlp_kl_beta=kl_beta)
+                    rlp_untempered_ratio=untempered_ratio, rlp_kl_beta=kl_beta,
+                    rlp_updates_per_batch=updates_per_batch)
     preset = loop.resolve_preset(run.model)
     state = loop.setup(run, preset)
     stream = DocumentStream(open_indexed_dataset(data_prefix), preset.vocab_size, seed=3, shuffle=False)
@@ -154,6 +157,7 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
         "ema": {n: objective.teacher.shadow(f"0.{n}") for n, _ in model.named_parameters()},
         "microbatches": objective._cached,
         "history": history[0],
+        "all_history": history,
         "source": source,  # the contexts it was asked for and the thoughts it gave
         "preset": preset,
         "last_stage": state.model[0].module.post_process if hasattr(state.model[0].module, "post_process") else model.post_process,

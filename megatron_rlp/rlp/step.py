@@ -186,9 +186,11 @@ def _score_at_policy_temperature(rows: torch.Tensor, config: RLPConfig) -> torch
     inverse_t = policy_inverse_temperature(config)
     if inverse_t == 1.0:
         return rows
-    scale = torch.full((rows.shape[1], 1), inverse_t, dtype=rows.dtype, device=rows.device)
+    # Scale in fp32: a bf16 1/T (1/0.7 -> 1.4297) would be a systematic error in T; rounding the
+    # scaled product instead is a per-element error that averages out in h·W.
+    scale = torch.full((rows.shape[1], 1), inverse_t, dtype=torch.float32, device=rows.device)
     scale[-1] = 1.0
-    return rows * scale
+    return (rows.float() * scale).to(rows.dtype)
 
 
 def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Tensor,
@@ -313,7 +315,7 @@ class RLPObjective:
         self.thought_source = thought_source
         self.sample_batches = 0
         self._cached: list[dict] = []
-        self._cost_inputs: Optional[dict] = None  # this rank's real lengths, for iteration_cost()
+        self._teacher_windows: Optional[list[int]] = None  # this iteration's sampling, for iteration_cost()
         self.timers = Timers()  # the loop's phase timers replace this inactive one
         for chunk in self.models:
             chunk.return_hidden = True
@@ -402,8 +404,8 @@ class RLPObjective:
         if self.teacher.maybe_initialize(self.models) and self.config.rlp_kl_beta > 0:
             self.reference = EMATeacher()
             self.reference.maybe_initialize(self.models)
+        self._teacher_windows = None  # stays None when this iteration reuses its sample batch
         if iteration % self.config.rlp_updates_per_batch and self._cached:
-            self._cost_inputs["sampled"] = False  # no teacher, no sampling in this iteration
             return self._cached  # same θ_old, advantages fixed on the first pass
         self._cached = self._sample_batch(num_microbatches)
         self.sample_batches += 1
@@ -437,10 +439,7 @@ class RLPObjective:
         self.timers.add("rlp-sampling-prefill", thoughts.stats.get("prefill_s"))
         self.timers.add("rlp-sampling-decode", thoughts.stats.get("decode_s"))
         closed, closed_len = thoughts.closed_tokens(self.pad_id)
-        self._cost_inputs = {  # real tokens only: a thought's length before its close marker
-            "context_lens": thoughts.position.tolist(), "thought_lens": (closed_len - 1).tolist(),
-            "teacher_windows": [len(d) - 1 for d in docs] if s_ema is not None else [], "sampled": True,
-        }
+        self._teacher_windows = [len(d) - 1 for d in docs] if s_ema is not None else []
         # x_<t, open, thought + close, x_t, minus the last token (inputs only).
         width = int((thoughts.position + closed_len.max(dim=1).values).max()) + 1
         width = _round_up(width, _sequence_multiple(self.models[0]))
@@ -455,6 +454,7 @@ class RLPObjective:
                 thoughts.forced[ctx], self.open_id, self.pad_id, width,
             )
             mb["closed_len"] = closed_len[ctx].reshape(-1)
+            mb["context_positions"] = thoughts.position[ctx].clone()  # t per context (FLOP count)
             mb["forced"] = thoughts.forced[ctx].reshape(-1)
             sample_lp = torch.zeros_like(mb["thought_mask"], dtype=torch.float32)
             sample_lp[:, : recorded_lp.shape[-1]] = recorded_lp[ctx].reshape(-1, recorded_lp.shape[-1])
@@ -501,11 +501,14 @@ class RLPObjective:
         (each context at its t, each thought at its own length, no padding; teacher and sampling
         only when they ran) summed over the data-parallel ranks.  The optimizer and EMA phases
         are per model, not per rank."""
-        shape = self._cost_inputs
+        context_lens = torch.cat([mb["context_positions"] for mb in self._cached])
+        # A thought's length before its close marker (closed_len counts the close).
+        thought_lens = torch.cat([mb["closed_len"] for mb in self._cached]) - 1
+        sampled = self._teacher_windows is not None
         cost = rlp_batch_cost(
-            preset, shape["context_lens"], shape["thought_lens"], self.cost_variant, recompute,
-            teacher_windows=shape["teacher_windows"] if shape["sampled"] else [],
-            positions_per_doc=self.config.rlp_positions_per_doc, sampled=shape["sampled"],
+            preset, context_lens.tolist(), thought_lens.view(len(context_lens), -1).tolist(), self.cost_variant,
+            recompute, teacher_windows=self._teacher_windows or [],
+            positions_per_doc=self.config.rlp_positions_per_doc, sampled=sampled,
         )
         per_rank = [k for k in cost.phases if k not in ("optimizer", "ema")]
         if parallel_state.get_data_parallel_world_size() > 1:
@@ -552,7 +555,8 @@ def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_
     hidden, _ = _final_hidden(output_tensor, model)
     slots = batch["thought_slot"]
     targets = torch.where(slots >= 0, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
-    rows = (_gather_rows(hidden, slots) * inverse_temperature).reshape(-1, hidden.shape[-1])
+    rows = _gather_rows(hidden, slots)
+    rows = (rows.float() * inverse_temperature).to(rows.dtype).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
     return torch.zeros(()), {"logp": logp.detach().view(slots.shape)}

@@ -61,6 +61,26 @@ def test_kl_reference_is_scored_at_the_sampling_temperature(corpus):
         assert torch.allclose(got[row][mask[row]], lp, atol=1e-5), row
 
 
+def test_tempered_rows_in_bf16_keep_t_exact():
+    """On a GPU the hidden states are bf16.  Scaling them by a bf16 1/T (1/0.7 -> 1.4297) would
+    shift every logit by 0.08 % (a different T); scaling in fp32 and rounding the product leaves
+    only per-element rounding, which averages out in the logits.  x_t's row stays at T = 1."""
+    from megatron_rlp.rlp.step import _score_at_policy_temperature
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 5, 512, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(256, 512, generator=gen).to(torch.bfloat16)
+    scaled = _score_at_policy_temperature(rows, RLPConfig(rlp_temperature=0.7))
+    exact = (rows.float() @ weight.float().T) / 0.7
+    got = scaled.float() @ weight.float().T
+    big = exact[:, :-1].abs() > 10
+    bias = ((got[:, :-1] - exact[:, :-1])[big] / exact[:, :-1][big]).mean().abs()
+    assert bias < 1e-4, bias.item()  # a bf16 1/T gives 7.8e-4
+    assert torch.equal(scaled[:, -1], rows[:, -1])
+    untempered = _score_at_policy_temperature(rows, RLPConfig(rlp_temperature=0.7, rlp_untempered_ratio=True))
+    assert torch.equal(untempered, rows)
+
+
 def test_greedy_needs_the_untempered_ratio():
     with pytest.raises(ValueError, match=r"--rlp-temperature 0 \(greedy\).*--rlp-untempered-ratio"):
         validate_rlp_config(RLPConfig(rlp_temperature=0.0))
@@ -97,6 +117,26 @@ def test_log_line_flops_are_the_cost_model_of_the_real_batch(corpus, capsys):
     assert [p.rsplit(" ", 1)[0] for p in phases.split(", ")] == [
         "rlp-teacher", "rlp-sampling", "forward-backward", "optimizer", "rlp-ema"]
     assert set(record["timers_ms"]) == {"rlp-teacher", "rlp-sampling", "forward-backward", "optimizer", "rlp-ema"}
+
+
+def test_reused_sample_batch_counts_no_teacher_or_sampling(corpus):
+    """--rlp-updates-per-batch 2: the second iteration reuses the batch (no teacher forward, no
+    sampling), so its FLOPs are the update, optimizer and EMA of the same real batch."""
+    from megatron_rlp.training import cost_model as cm
+    from rlp_parity import run_parity
+
+    mega, _ = run_parity(corpus, tp=1, pp=1, iters=2, updates_per_batch=2, reference=False)
+    first, second = mega["all_history"]
+    assert len(mega["source"].calls) == 1
+    docs, positions = mega["source"].calls[0]
+    context_lens = [t for pos in positions for t in pos]
+    thought_lens = [[len(c) for c in mega["source"].thoughts[i]] for i in range(len(context_lens))]
+    sampled = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, "rows",
+                                teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2)
+    reused = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, "rows", sampled=False)
+    assert first["model_flops"] == pytest.approx(sampled.model_flops, rel=1e-12)
+    assert second["model_flops"] == pytest.approx(reused.model_flops, rel=1e-12)
+    assert set(second["timers_ms"]) == {"forward-backward", "optimizer", "rlp-ema"}
 
 
 def test_update_does_not_depend_on_the_teacher(corpus):
