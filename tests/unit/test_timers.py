@@ -50,3 +50,16 @@ def test_level_2_reports_the_mean_over_the_interval_and_level_0_nothing():
     assert sync.calls == 12 and off.collect() == {}
     with pytest.raises(ValueError, match="--timing-log-level"):
         Timers(3)
+
+
+def test_flags_parse():
+    from megatron_rlp.pretrain import parse_run_config
+
+    run = parse_run_config(["--timing-log-level", "2", "--no-log-timers-to-tensorboard", "--rlp",
+                            "--rlp-untempered-ratio"])
+    assert run.logging.timing_log_level == 2 and run.logging.log_timers_to_tensorboard is False
+    assert run.extra["rlp"].rlp_untempered_ratio is True
+    default = parse_run_config(["--rlp"])
+    assert default.logging.timing_log_level == 1 and default.extra["rlp"].rlp_untempered_ratio is False
+    with pytest.raises(SystemExit):
+        parse_run_config(["--timing-log-level", "3"])
