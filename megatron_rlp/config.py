@@ -168,6 +168,13 @@ class LoggingConfig:
     log_interval: int = option(1, "Print a log line every N iterations.")
     tensorboard_dir: Optional[str] = option(None, "Write TensorBoard scalars here.")
     log_throughput: bool = option(True, "Report TFLOP/s/GPU in the log line.")
+    timing_log_level: int = option(
+        1, "Phase timers (forward-backward, optimizer, RLP's teacher, sampling, EMA) in the log line and "
+        "TensorBoard: 0 off; 1 on the logged iterations only (they synchronize the GPU at each phase "
+        "boundary, the others run untimed); 2 on every iteration, the log line showing the mean over "
+        "--log-interval (Megatron-LM's default is 0).", choices=[0, 1, 2])
+    log_timers_to_tensorboard: bool = option(True, "Write the phase timers to TensorBoard as timers/<phase> "
+                                             "(Megatron-LM's default is off).")
 
 
 @dataclass

@@ -32,6 +32,7 @@ OPEN, CLOSE, EOD = 501, 502, 500
 TOL = 1e-5
 G = 3
 LR = 0.5
+LOGIT_SCALE = 3.0  # the policy entropy falls from ~log V to ~0.7 nats: softmax(z / T) and softmax(z) differ clearly
 
 
 class MarkerTokenizer:
@@ -90,9 +91,18 @@ class GivenThoughtSource:
 
 def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noise: float = 0.0,
                skip_baseline: bool = False, num_layers: int = 2, first_stage_layers=None,
-               last_stage_layers=None):
+               last_stage_layers=None, temperature: float = 0.7, untempered_ratio: bool = False,
+               logit_scale: float = LOGIT_SCALE, kl_beta: float = 0.0, reference: bool = True,
+               iters: int = 1, updates_per_batch: int = 1):
     """Returns (megatron results, reference results, local shard of the reference tensors).
-    ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers)."""
+    ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers).
+    ``temperature``: --rlp-temperature (the reference scores the thought tokens at it, or at 1 with
+    ``untempered_ratio``).  ``logit_scale`` multiplies the final norm's weight, so the logits are
+    large enough (|z| of several nats) that softmax(z / T) and softmax(z) differ clearly.
+    ``kl_beta``: --rlp-kl-beta; the frozen reference is θ itself at this first iteration, so the KL
+    and its gradient are 0 and the parity holds; ``logp_ref`` of each micro-batch is returned.
+    ``reference=False``: the megatron run only (e.g. at DP > 1, which the reference does not split);
+    ``iters`` > 1 and ``updates_per_batch`` only then (the reference runs one iteration)."""
     run = RunConfig()
     run.model.model_preset, run.model.num_layers, run.model.layout_invariant_init = "tiny", num_layers, True
     run.parallel.decoder_first_pipeline_num_layers = first_stage_layers
@@ -101,12 +111,14 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     run.model.untie_embeddings_and_output_weights = not tie
     run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size = tp, pp
     t = run.training
-    t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, 2, 1, LR, 3
+    t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, 2, iters, LR, 3
     # SGD: Adam's first step is lr * sign(g), which turns 1e-9 gradient noise into lr-sized steps.
     t.weight_decay, t.clip_grad, t.lr_decay_style, t.optimizer, t.sgd_momentum = 0.0, 0.0, "constant", "sgd", 0.0
     rlp = RLPConfig(rlp_num_thoughts=G, rlp_thought_len=4, rlp_positions_per_doc=2, rlp_min_context=3,
                     rlp_ema_decay=0.9, rlp_clip_low=0.2, rlp_clip_high=0.28,
-                    rlp_baseline_interval=1000 if skip_baseline else 1)
+                    rlp_baseline_interval=1000 if skip_baseline else 1, rlp_temperature=temperature,
+                    rlp_untempered_ratio=untempered_ratio, rlp_kl_beta=kl_beta,
+                    rlp_updates_per_batch=updates_per_batch)
     preset = loop.resolve_preset(run.model)
     state = loop.setup(run, preset)
     stream = DocumentStream(open_indexed_dataset(data_prefix), preset.vocab_size, seed=3, shuffle=False)
@@ -114,6 +126,9 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     source = GivenThoughtSource(thoughts, forced, rlp.rlp_thought_len)
     objective = RLPObjective(rlp, state, MarkerTokenizer(), stream, thought_source=source)
     model = unwrap_model(state.model[0])
+    if model.post_process and logit_scale != 1.0:
+        with torch.no_grad():
+            model.decoder.final_layernorm.weight.mul_(logit_scale)
     if skip_baseline:
         objective.sample_batches = 1  # 1 % 1000 != 0: no teacher forward in this batch
     if teacher_noise:
@@ -141,9 +156,16 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "ema": {n: objective.teacher.shadow(f"0.{n}") for n, _ in model.named_parameters()},
         "microbatches": objective._cached,
+        "history": history[0],
+        "all_history": history,
+        "source": source,  # the contexts it was asked for and the thoughts it gave
+        "preset": preset,
         "last_stage": state.model[0].module.post_process if hasattr(state.model[0].module, "post_process") else model.post_process,
     }
 
+    if not reference:
+        parallel.destroy()
+        return mega, None
     # The reference: same weights, same contexts, same thoughts.
     cfg = RefConfig(vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, ffn_hidden_size=preset.ffn_hidden_size,
                     num_layers=preset.num_layers, num_heads=preset.num_attention_heads,
@@ -161,11 +183,13 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
             next_tokens.append(int(d[p]))
     out = reference_rlp_iteration(ref, None, optimizer, contexts, thoughts, next_tokens, OPEN, CLOSE, G,
                                   rlp.rlp_clip_low, rlp.rlp_clip_high, rlp.rlp_ema_decay, forced_mask=forced,
-                                  vocab_size=MarkerTokenizer.vocab_size)
+                                  vocab_size=MarkerTokenizer.vocab_size,
+                                  temperature=1.0 if untempered_ratio else temperature)
     reference = {
         "loss": float(out["loss"]),
         "rewards": out["rewards"],
         "advantages": out["advantages"],
+        "logp_thought": out["logp_new"],  # [context][thought] -> [|c|] policy log-probs at θ_0
         "grads": _local(megatron_state_dict_from_reference(out["grads"], cfg), tp, pp, preset, tie, split),
         "params": _local(megatron_state_dict_from_reference(out["params"], cfg), tp, pp, preset, tie, split),
         "ema": _local(megatron_state_dict_from_reference(out["ema_params"], cfg), tp, pp, preset, tie, split),
@@ -255,7 +279,10 @@ def run_short_rlp(corpus, preset, tp, pp, tmp_path_factory):
         assert all(torch.isfinite(torch.tensor(h["rlp loss"])) for h in history)
         assert history[-1]["rlp/ema_gap"] > 0
         assert 1 <= history[-1]["rlp/thought_len_mean"] <= 4
-        assert history[-1]["rlp/sample_logprob_drift"] < 1e-4  # sampler and update agree
+        assert history[-1]["rlp/sample_logprob_drift"] < 1e-4  # sampler and update agree (both at T)
+        # The logged iteration's phase timers, the sampler's prefill and decode included.
+        assert {"rlp-teacher", "rlp-sampling", "rlp-sampling-prefill", "rlp-sampling-decode", "forward-backward",
+                "optimizer", "rlp-ema"} <= set(history[-1]["timers_ms"])
         assert checkpoint.read_tracker(save) == 2
         saved_teacher = {k: v.clone() for k, v in objective.teacher.state_dict().items()}
         parallel.destroy()

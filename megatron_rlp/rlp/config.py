@@ -16,7 +16,16 @@ class RLPConfig:
         "(context + open marker + thought + close marker) fits in --seq-length, so contexts are at most "
         "--seq-length minus this minus 2 tokens."
     )
-    rlp_temperature: float = option(0.7, "Sampling temperature of thoughts (0 = greedy).")
+    rlp_temperature: float = option(
+        0.7, "Sampling temperature T of thoughts.  The ratio, the policy gradient, the entropy metric "
+        "and the KL term score thought tokens under softmax(logits / T), the policy that drew them; "
+        "S_pred and S_ema score x_t at T = 1.  0 (greedy) needs --rlp-untempered-ratio."
+    )
+    rlp_untempered_ratio: bool = option(
+        False, "Score thought tokens at T = 1 in the ratio, the policy gradient, the entropy metric and "
+        "the KL term instead of at --rlp-temperature (this project's behaviour before the tempered "
+        "ratio; not the policy that sampled them unless T = 1)."
+    )
     rlp_positions_per_doc: int = option(1, "k: positions t sampled per document.")
     rlp_min_context: int = option(
         1, "Smallest context length t a position may have; also the overlap of the successive windows "
@@ -58,6 +67,19 @@ def validate_rlp_config(c: RLPConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    if c.rlp_temperature == 0 and not c.rlp_untempered_ratio:
+        raise ValueError(
+            "--rlp-temperature 0 (greedy) has no sampling distribution to score thoughts under "
+            "(logits / 0), and greedy thoughts are the same in all G branches of a context, so every "
+            "advantage is 0; use --rlp-temperature > 0 (the recipe: 0.7), or add --rlp-untempered-ratio "
+            "to score greedy thoughts at T = 1"
+        )
+
+
+def policy_inverse_temperature(c: RLPConfig) -> float:
+    """1/T of the policy the thought tokens are scored under: the sampling policy softmax(logits / T)
+    by default, T = 1 with --rlp-untempered-ratio."""
+    return 1.0 if c.rlp_untempered_ratio else 1.0 / c.rlp_temperature
 
 
 def longest_context(seq_length: int, thought_len: int) -> int:

@@ -15,6 +15,9 @@ sampled it), 0 for padding and for a close marker forced at the length cap (a fo
 drawn from π_θold, so it carries no policy gradient).  The open marker is part of the prompt and is
 never in the mask.
 
+The thought tokens' log-probabilities are those of the policy that sampled them (the step takes
+them under softmax(logits / T)); S_pred is the data token's at T = 1.
+
 How this differs from the paper: nothing in the default path.  ``kl_weight`` and ``ntp_weight``
 (both 0 by default) add terms the paper does not use (the spec notes that a KL term was ablated
 and hurt); they exist for experiments only.

@@ -11,7 +11,8 @@ Before the pipeline schedule (:meth:`RLPObjective.microbatches`):
      the same micro-batch.
 Inside the schedule (:meth:`forward_step` / :func:`rlp_loss_func`, last pipeline stage):
   5. one forward gives, through the fused linear log-prob kernel, S_pred = log p_θ(x_t | …, c_i)
-     (detached) and the log-probs of the sampled thought tokens (with grad);
+     (detached, T = 1) and the log-probs of the sampled thought tokens (with grad) under the
+     policy that drew them, softmax(logits / T) (T = 1 with --rlp-untempered-ratio);
   6. rewards r = S_pred − S_ema, advantages A = G/(G−1)(r − r̄), the clipped surrogate over the
      sampled thought tokens only (a forced close gets no gradient).
 After the optimizer step (:meth:`after_optimizer_step`):
@@ -41,11 +42,15 @@ from megatron_rlp import platform
 from megatron_rlp.data.documents import DataError, Window
 from megatron_rlp.kernels import linear_logprob
 from megatron_rlp.rlp.config import (
-    RLPConfig, longest_context, resolve_markers, validate_rlp_config, validate_rlp_lengths,
+    RLPConfig, longest_context, policy_inverse_temperature, resolve_markers, validate_rlp_config,
+    validate_rlp_lengths,
 )
 from megatron_rlp.rlp.ema import EMATeacher
 from megatron_rlp.rlp.objective import group_advantages, rlp_loss
+from megatron_rlp import platform
 from megatron_rlp.training.checkpoint import unwrap_model
+from megatron_rlp.training.cost_model import IterationCost, PhaseCost, rlp_batch_cost
+from megatron_rlp.training.timers import Timers
 
 IGNORE = -100
 
@@ -174,6 +179,24 @@ def _round_up(n: int, multiple: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # The loss on the last pipeline stage
 # ---------------------------------------------------------------------------------------------
+def _score_at_policy_temperature(rows: torch.Tensor, config: RLPConfig) -> torch.Tensor:
+    """Thought rows [B, L+1, H] and the x_t row [B, 1, H] (last) -> the hidden states whose log-probs
+    are those of the right distribution: the thought tokens' under softmax(logits / T), the policy
+    that sampled them (log π_θ of ρ, its gradient, the entropy); x_t's (S_pred) at T = 1.
+
+    logits / T = (h / T)·W, so the fused kernel needs no temperature; autograd carries the 1/T
+    into the hidden gradient, and the weight gradient is taken against h / T as it should be.
+    """
+    inverse_t = policy_inverse_temperature(config)
+    if inverse_t == 1.0:
+        return rows
+    # Scale in fp32: a bf16 1/T (1/0.7 -> 1.4297) would be a systematic error in T; rounding the
+    # scaled product instead is a per-element error that averages out in h·W.
+    scale = torch.full((rows.shape[1], 1), inverse_t, dtype=torch.float32, device=rows.device)
+    scale[-1] = 1.0
+    return (rows.float() * scale).to(rows.dtype)
+
+
 def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Tensor,
                   vocab_size: Optional[int] = None):
     """Rewards, advantages and the clipped surrogate of one micro-batch (G branches per context).
@@ -194,7 +217,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
     slots = torch.cat([batch["thought_slot"], batch["target_slot"][:, None]], dim=1)  # [B, L+2]
     valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool, device=hidden.device)], dim=1)
     targets = torch.where(valid, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
-    rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
+    rows = _score_at_policy_temperature(_gather_rows(hidden, slots), config).reshape(-1, hidden.shape[-1])
     logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True,
                                    vocab_size=vocab_size, reduce_hidden_grad=reduce_grad)
     logp = logp.view(b, -1)
@@ -297,8 +320,8 @@ class RLPObjective:
         self.thought_source = thought_source
         self.sample_batches = 0
         self._cached: list[dict] = []
-        self._last_tokens = 0
-        self._last_seq = 1
+        self._teacher_windows: Optional[list[int]] = None  # this iteration's sampling, for iteration_cost()
+        self.timers = Timers()  # the loop's phase timers replace this inactive one
         for chunk in self.models:
             chunk.return_hidden = True
 
@@ -387,6 +410,7 @@ class RLPObjective:
         if self.teacher.maybe_initialize(self.models) and self.config.rlp_kl_beta > 0:
             self.reference = EMATeacher()
             self.reference.maybe_initialize(self.models)
+        self._teacher_windows = None  # stays None when this iteration reuses its sample batch
         if iteration % self.config.rlp_updates_per_batch and self._cached:
             return self._cached  # same θ_old, advantages fixed on the first pass
         self._cached = self._sample_batch(num_microbatches)
@@ -407,22 +431,28 @@ class RLPObjective:
         self.state.sync_parameters()  # θ_old must be the gathered θ (a no-op after the EMA's sync)
         s_ema = None
         if (self.sample_batches % c.rlp_baseline_interval) == 0:
-            s_ema = self._score_documents(docs, positions)
+            with self.timers("rlp-teacher"):
+                s_ema = self._score_documents(docs, positions)
 
-        thoughts = self.thought_source(
-            self.models[0], docs, positions, num_thoughts=g, max_thought_len=c.rlp_thought_len,
-            open_id=self.open_id, close_id=self.close_id, eod_id=self.eod_id,
-            temperature=c.rlp_temperature, seed=_sample_seed(self.seed, self.sample_batches, dp_rank),
-            max_sequence_length=self.max_sequence_length,
-            micro_batch_size=c.rlp_sampler_micro_batch_size, vocab_size=self.vocab_size,
-        )
+        with self.timers("rlp-sampling"):
+            thoughts = self.thought_source(
+                self.models[0], docs, positions, num_thoughts=g, max_thought_len=c.rlp_thought_len,
+                open_id=self.open_id, close_id=self.close_id, eod_id=self.eod_id,
+                temperature=c.rlp_temperature, seed=_sample_seed(self.seed, self.sample_batches, dp_rank),
+                max_sequence_length=self.max_sequence_length,
+                micro_batch_size=c.rlp_sampler_micro_batch_size, vocab_size=self.vocab_size,
+            )
+        self.timers.add("rlp-sampling-prefill", thoughts.stats.get("prefill_s"))
+        self.timers.add("rlp-sampling-decode", thoughts.stats.get("decode_s"))
         closed, closed_len = thoughts.closed_tokens(self.pad_id)
+        self._teacher_windows = [len(d) - 1 for d in docs] if s_ema is not None else []
         # x_<t, open, thought + close, x_t, minus the last token (inputs only).
         width = int((thoughts.position + closed_len.max(dim=1).values).max()) + 1
         width = _round_up(width, _sequence_multiple(self.models[0]))
         per_mb = self.micro_batch_size * c.rlp_positions_per_doc  # contexts per micro-batch
+        # The sampler's record of the policy the update scores (rlp/sample_logprob_drift).
+        recorded_lp = thoughts.logprobs if c.rlp_untempered_ratio else thoughts.tempered_logprobs
         microbatches = []
-        self._last_tokens = 0
         for m in range(num_microbatches):
             ctx = slice(m * per_mb, (m + 1) * per_mb)
             mb = build_update_sequences(
@@ -430,25 +460,25 @@ class RLPObjective:
                 thoughts.forced[ctx], self.open_id, self.pad_id, width,
             )
             mb["closed_len"] = closed_len[ctx].reshape(-1)
+            mb["context_positions"] = thoughts.position[ctx].clone()  # t per context (FLOP count)
             mb["forced"] = thoughts.forced[ctx].reshape(-1)
             sample_lp = torch.zeros_like(mb["thought_mask"], dtype=torch.float32)
-            sample_lp[:, : thoughts.logprobs.shape[-1]] = thoughts.logprobs[ctx].reshape(-1, thoughts.logprobs.shape[-1])
+            sample_lp[:, : recorded_lp.shape[-1]] = recorded_lp[ctx].reshape(-1, recorded_lp.shape[-1])
             mb["logp_sample"] = sample_lp
             if s_ema is not None and s_ema.numel():
                 mb["s_ema"] = s_ema[ctx].float()
             mb = platform.to_device(mb)
             microbatches.append(mb)
-            self._last_tokens += mb["tokens"].numel()
-            self._last_seq = mb["tokens"].shape[1]
         if self.reference is not None:
             self._score_reference(microbatches)
-        self._last_tokens *= dp_size
         return microbatches
 
     def _score_reference(self, microbatches: list[dict]) -> None:
         """log π_ref of the thought tokens (frozen initial model), for the optional KL term."""
         with self.reference.swap_into(self.models), torch.no_grad():
-            outputs = self._forward_only(microbatches, partial(_score_thoughts_loss, vocab_size=self.vocab_size))
+            outputs = self._forward_only(microbatches, partial(
+                _score_thoughts_loss, vocab_size=self.vocab_size,
+                inverse_temperature=policy_inverse_temperature(self.config)))
         if parallel_state.is_pipeline_last_stage():
             for mb, out in zip(microbatches, outputs):
                 mb["logp_ref"] = out["logp"]
@@ -461,16 +491,40 @@ class RLPObjective:
 
     # -- the hook the loop calls after the optimizer step ---------------------------------------
     def after_optimizer_step(self, model_chunks, iteration: int) -> dict:
-        self.state.sync_parameters()  # --overlap-param-gather: the step left θ partly stale
-        self.teacher.update(self.models, self.config.rlp_ema_decay)
-        gap = self.teacher.gap(
-            self.models, group=parallel_state.get_model_parallel_group(),
-            include_replicated=parallel_state.get_tensor_model_parallel_rank() == 0,
-        )
+        with self.timers("rlp-ema"):
+            self.state.sync_parameters()  # --overlap-param-gather: the step left θ partly stale
+            self.teacher.update(self.models, self.config.rlp_ema_decay)
+            gap = self.teacher.gap(
+                self.models, group=parallel_state.get_model_parallel_group(),
+                include_replicated=parallel_state.get_tensor_model_parallel_rank() == 0,
+            )
         return {"rlp/ema_gap": gap}
 
-    def tokens_per_step(self, global_batch_size: int) -> tuple[int, int]:
-        return max(self._last_tokens, 1), self._last_seq
+    # -- FLOPs of the iteration (the log line's TFLOP/s) ------------------------------------------
+    cost_variant = "rows"  # the update's layout in cost_model.VARIANTS terms
+
+    def iteration_cost(self, preset, global_batch_size: int, recompute: str = "none") -> IterationCost:
+        """The cost model's FLOPs of the iteration just run, whole job: this rank's actual batch
+        (each context at its t, each thought at its own length, no padding; teacher and sampling
+        only when they ran) summed over the data-parallel ranks.  The optimizer and EMA phases
+        are per model, not per rank."""
+        context_lens = torch.cat([mb["context_positions"] for mb in self._cached])
+        # A thought's length before its close marker (closed_len counts the close).
+        thought_lens = torch.cat([mb["closed_len"] for mb in self._cached]) - 1
+        sampled = self._teacher_windows is not None
+        cost = rlp_batch_cost(
+            preset, context_lens.tolist(), thought_lens.view(len(context_lens), -1).tolist(), self.cost_variant,
+            recompute, teacher_windows=self._teacher_windows or [],
+            positions_per_doc=self.config.rlp_positions_per_doc, sampled=sampled,
+        )
+        per_rank = [k for k in cost.phases if k not in ("optimizer", "ema")]
+        if parallel_state.get_data_parallel_world_size() > 1:
+            values = torch.tensor([[cost.phases[k].model_flops, cost.phases[k].hardware_flops, cost.phases[k].tokens]
+                                   for k in per_rank], dtype=torch.float64, device=platform.device())
+            dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+            for k, (model_flops, hardware_flops, tokens) in zip(per_rank, values.tolist()):
+                cost.phases[k] = PhaseCost(model_flops, hardware_flops, tokens)
+        return cost
 
     # -- checkpoints ----------------------------------------------------------------------------
     # A checkpoint can be written between two updates of one sample batch (--rlp-updates-per-batch
@@ -533,11 +587,15 @@ def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_siz
     return logp.new_zeros(()), {"logp": logp.detach()}
 
 
-def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
+def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None,
+                         inverse_temperature: float = 1.0):
+    """log π_ref of the thought tokens, under the same temperature as the policy's log-probs (the
+    k3 KL estimate is unbiased for tokens drawn from the policy it compares, the tempered one)."""
     hidden, _ = _final_hidden(output_tensor, model)
     slots = batch["thought_slot"]
     targets = torch.where(slots >= 0, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
-    rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
+    rows = _gather_rows(hidden, slots)
+    rows = (rows.float() * inverse_temperature).to(rows.dtype).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
     return logp.new_zeros(()), {"logp": logp.detach().view(slots.shape)}

@@ -263,6 +263,10 @@ def run_pipelined(model, stage: StageInfo, jobs: list, feedback: bool) -> PhaseS
         work.wait()
     if not stage.is_first:
         model.set_input_tensor(None)  # drop the reference to the last received hidden state
+    if device.type == "cuda":
+        # The phase's time must hold its kernels, not only their launch (the prefill's tail would
+        # land in the decode's first step, which waits for the sampled ids anyway: costs nothing).
+        torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - t0
     stats.ticks, stats.bubble = schedule_bubble(stats.items, stage.pp_size, feedback)
     return stats

@@ -36,10 +36,10 @@ class ThoughtBatch:
     of them and counts as a thought token; a forced close is not stored here."""
     logprobs: torch.Tensor
     """[N, G, L] fp32: log p_θ(token | x_<t, open, earlier thought tokens) — the model's untempered
-    log-probability (logits / 1).  Use this as log π_θold in the RLP ratio."""
+    log-probability (logits / 1); the RLP step's sampling-time record with --rlp-untempered-ratio."""
     tempered_logprobs: torch.Tensor
     """[N, G, L] fp32: log-probability under softmax(logits / T), the distribution actually
-    sampled from (0 when greedy: a point mass)."""
+    sampled from (0 when greedy: a point mass); the policy the RLP ratio scores by default."""
     lengths: torch.Tensor
     """[N, G] int64: number of sampled thought tokens, 1..L."""
     forced: torch.Tensor

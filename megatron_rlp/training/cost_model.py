@@ -1,7 +1,8 @@
 """The one cost model of a training iteration: FLOPs by phase and memory per GPU by pipeline stage.
 
-Used by the log line's TFLOP/s (:func:`training_flops`), ``tools/bench_rlp.py --analytic``, the
-dry run and the FLOP-matched comparisons.  Pure arithmetic on a :class:`ModelPreset`; no torch.
+Used by the log line's TFLOP/s (:func:`rlp_batch_cost` of the actual batch, :func:`ntp_iteration_cost`;
+model FLOPs of every phase), ``tools/bench_rlp.py --analytic``, the dry run and the FLOP-matched
+comparisons.  Pure arithmetic on a :class:`ModelPreset`; no torch.
 
 What is exact and what is an estimate
 -------------------------------------
@@ -457,7 +458,7 @@ def ntp_iteration_cost(preset: ModelPreset, global_batch_size: int, seq_length: 
 
 def training_flops(preset: ModelPreset, tokens: float, seq_length: int) -> float:
     """Model FLOPs (forward + backward) of ``tokens`` tokens in causal rows of ``seq_length`` with
-    logits at every token — the log line's TFLOP/s numerator."""
+    logits at every token (the update phase of :func:`ntp_iteration_cost`)."""
     rows = tokens / seq_length
     return 3 * forward_flops(preset, Work(seq_length, _causal(seq_length), seq_length) * rows)
 

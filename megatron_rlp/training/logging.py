@@ -20,12 +20,15 @@ def format_log_line(
     grad_norm: Optional[float],
     skipped: int = 0,
     nan_iterations: int = 0,
+    phase_ms: Optional[dict[str, float]] = None,
 ) -> str:
     parts = [
         f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{train_iters:8d}",
         f"consumed samples: {consumed_samples:12d}",
         f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
     ]
+    if phase_ms:  # the phase timers (megatron_rlp.training.timers)
+        parts.append("elapsed time per phase (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in phase_ms.items()))
     if tflops_per_gpu is not None:
         parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops_per_gpu:.3f}")
     parts.append(f"learning rate: {lr:.6E}")

@@ -46,8 +46,8 @@ from megatron_rlp.models.architecture import architecture_args, resolve_architec
 from megatron_rlp.models.presets import ModelPreset
 from megatron_rlp.training import checkpoint as ckpt
 from megatron_rlp.training import parallel
-from megatron_rlp.training.cost_model import training_flops
 from megatron_rlp.training.logging import MetricsWriter, format_log_line
+from megatron_rlp.training.timers import Timers
 
 
 class TrainingError(RuntimeError):
@@ -468,8 +468,12 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
         forward_step = _with_loss_check(forward_step, lambda: state.iteration + 1)
     history: list[dict] = []
     world = dist.get_world_size()
+    timers = Timers(log_cfg.timing_log_level)
+    objective.timers = timers  # the objective times its own phases (RLP: teacher, sampling, EMA)
     try:
         while state.iteration < t.train_iters:
+            logged = (state.iteration + 1) % log_cfg.log_interval == 0 or state.iteration + 1 == t.train_iters
+            timers.start_iteration(logged)
             start = time.perf_counter()
             num_mb = get_num_microbatches()
             for chunk in state.model:
@@ -477,15 +481,16 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
             state.optimizer.zero_grad()
             microbatches = objective.microbatches(state.iteration, num_mb, state.model)
             try:
-                reports = forward_backward(
-                    forward_step_func=forward_step,
-                    data_iterator=iter(microbatches),
-                    model=state.model,
-                    num_microbatches=num_mb,
-                    seq_length=microbatches[0]["tokens"].shape[1],
-                    micro_batch_size=microbatches[0]["tokens"].shape[0],
-                    forward_only=False,
-                )
+                with timers("forward-backward"):
+                    reports = forward_backward(
+                        forward_step_func=forward_step,
+                        data_iterator=iter(microbatches),
+                        model=state.model,
+                        num_microbatches=num_mb,
+                        seq_length=microbatches[0]["tokens"].shape[1],
+                        micro_batch_size=microbatches[0]["tokens"].shape[0],
+                        forward_only=False,
+                    )
             except RuntimeError as e:
                 raise _explain_gradient_check(e, state.iteration + 1) from e
             metrics = _reduce_reports(reports) if parallel_state.is_pipeline_last_stage() else {}
@@ -497,7 +502,8 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                     f"({', '.join(f'{k}={metrics[k]}' for k in bad)}); stopped before the optimizer "
                     "step, the last saved checkpoint is intact — lower --lr or check the data"
                 )
-            update_ok, grad_norm, _ = state.optimizer.step()
+            with timers("optimizer"):
+                update_ok, grad_norm, _ = state.optimizer.step()
             if grad_norm is not None and not math.isfinite(grad_norm):
                 # megatron's fp32 and bf16 optimizers have no loss scaler: the step is applied
                 # with the non-finite gradients, so say so rather than claim it was skipped.
@@ -517,11 +523,15 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
             metrics.update(objective.after_optimizer_step(state.model, state.iteration))
             elapsed = time.perf_counter() - start
 
-            tokens, seq = objective.tokens_per_step(t.global_batch_size)
-            tflops = training_flops(state.preset, tokens, seq) / (elapsed * world) / 1e12
+            # Every phase's model FLOPs (cost model, real tokens only), as Megatron-LM's TFLOP/s.
+            model_flops = objective.iteration_cost(state.preset, t.global_batch_size,
+                                                   t.recompute_granularity or "none").model_flops
+            tflops = model_flops / (elapsed * world) / 1e12
             lr = state.optimizer.param_groups[0]["lr"]
+            phase_ms = timers.collect() if logged else {}
             record = dict(metrics, iteration=state.iteration, lr=lr, grad_norm=grad_norm,
-                          elapsed_ms=elapsed * 1000, tflops_per_gpu=tflops)
+                          elapsed_ms=elapsed * 1000, tflops_per_gpu=tflops, model_flops=model_flops,
+                          timers_ms=phase_ms)
             history.append(record)
             if len(history) == 1:
                 writer.log(peak_memory_line(state.iteration))
@@ -531,12 +541,14 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                 writer.log(format_log_line(
                     state.iteration, t.train_iters, state.iteration * t.global_batch_size,
                     elapsed * 1000, tflops if log_cfg.log_throughput else None, lr,
-                    t.global_batch_size, metrics, grad_norm, skipped=0 if update_ok else 1,
+                    t.global_batch_size, metrics, grad_norm, skipped=0 if update_ok else 1, phase_ms=phase_ms,
                 ))
                 writer.scalars(state.iteration, dict(metrics, **{
                     "learning-rate": lr, "grad-norm": grad_norm, "throughput/tflops_per_gpu": tflops,
                     "iteration-time-ms": elapsed * 1000,
                 }))
+                if log_cfg.log_timers_to_tensorboard:
+                    writer.scalars(state.iteration, {f"timers/{k}": v for k, v in phase_ms.items()})
             out_of_time = bool(ck.exit_duration_in_mins) and (
                 (time.time() - _process_start_time()) / 60.0 >= ck.exit_duration_in_mins
             )

@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 
 from megatron_rlp import platform
 from megatron_rlp.data.documents import DocumentStream
+from megatron_rlp.training.cost_model import ntp_iteration_cost
 
 
 def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -61,9 +62,9 @@ class NextTokenObjective:
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, partial(lm_loss_func, batch["loss_mask"])
 
-    def tokens_per_step(self, global_batch_size: int) -> tuple[int, int]:
-        """(tokens processed per step, sequence length) for the FLOP count."""
-        return global_batch_size * self.seq_length, self.seq_length
+    def iteration_cost(self, preset, global_batch_size: int, recompute: str = "none"):
+        """The cost model's FLOPs of one iteration, whole job (every row is whole: no padding)."""
+        return ntp_iteration_cost(preset, global_batch_size, self.seq_length, recompute)
 
     def after_optimizer_step(self, model_chunks, iteration: int) -> dict:
         return {}

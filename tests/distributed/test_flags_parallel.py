@@ -68,7 +68,7 @@ def _run(corpus, objective, preset="tiny", tp=1, pp=1, iters=2, layers=2, sample
             obj = NextTokenObjective(stream, SEQ, 1)
         else:
             config = RLPConfig(rlp_num_thoughts=3, rlp_thought_len=4, rlp_positions_per_doc=2, rlp_min_context=3,
-                               rlp_temperature=1.0, rlp_kl_beta=0.05, rlp_ntp_weight=0.3)
+                               rlp_temperature=0.7, rlp_kl_beta=0.05, rlp_ntp_weight=0.3)
             source = None
             if not sampler:
                 thoughts, forced = given_thoughts(4, cap=config.rlp_thought_len)

@@ -37,3 +37,24 @@ def test_short_rlp_run_with_the_sampler(corpus, preset, tp, pp, tmp_path_factory
     from rlp_parity import run_short_rlp
 
     run_short_rlp(corpus, preset, tp, pp, tmp_path_factory)
+
+
+@pytest.mark.world_size(2)
+def test_log_line_flops_sum_the_data_parallel_ranks(corpus):
+    """At DP=2 each rank samples its own contexts and thoughts: the TFLOP/s numerator is the cost
+    model's FLOPs of both ranks' real batches (the optimizer and EMA phases once)."""
+    from megatron_rlp.training import cost_model as cm
+    from rlp_parity import run_parity
+
+    mega, _ = run_parity(corpus, tp=1, pp=1, reference=False)  # world 2: DP=2
+    docs, positions = mega["source"].calls[0]
+    context_lens = [t for pos in positions for t in pos]
+    thought_lens = [[len(c) for c in mega["source"].thoughts[i]] for i in range(len(context_lens))]
+    mine = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, "rows",
+                             teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2)
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, mine.model_flops - mine.phases["optimizer"].model_flops
+                           - mine.phases["ema"].model_flops)
+    assert per_rank[0] != per_rank[1]  # different documents on the two ranks
+    expected = sum(per_rank) + mine.phases["optimizer"].model_flops + mine.phases["ema"].model_flops
+    assert mega["history"]["model_flops"] == pytest.approx(expected, rel=1e-12)

@@ -46,7 +46,8 @@ def test_preprocess_train_save_resume_is_identical(dataset, tmp_path, capsys):
     # Megatron's log line, with throughput and grad norm.
     line = next(l for l in out.splitlines() if "iteration        3/       3" in l)
     for field in ("consumed samples:           24", "elapsed time per iteration (ms)",
-                  "throughput per GPU (TFLOP/s/GPU)", "learning rate", "lm loss", "grad norm"):
+                  "throughput per GPU (TFLOP/s/GPU)", "learning rate", "lm loss", "grad norm",
+                  "elapsed time per phase (ms): forward-backward "):
         assert field in line
     # The measured peak after each process's first iteration (to compare with --dry-run), labelled
     # as what it is on CPU; a resumed run measures its own first iteration.
@@ -56,6 +57,11 @@ def test_preprocess_train_save_resume_is_identical(dataset, tmp_path, capsys):
                for l in peaks)
     peak_gib = float(peaks[0].split("max ")[1].split()[0])
     assert 0.05 < peak_gib < 64  # an RSS in GiB, not bytes or KiB
+    # TFLOP/s: the cost model's next-token iteration (8 rows of 32 tokens, optimizer included).
+    from megatron_rlp.training.cost_model import ntp_iteration_cost
+
+    flops = ntp_iteration_cost(_tiny_two_layers(), 8, 32).model_flops
+    assert first[-1]["model_flops"] == pytest.approx(flops, rel=1e-12)
     events = [f for f in os.listdir(tb) if f.startswith("events.out.tfevents")]
     assert events, "TensorBoard event file was not written"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -63,6 +69,16 @@ def test_preprocess_train_save_resume_is_identical(dataset, tmp_path, capsys):
     acc = EventAccumulator(tb)
     acc.Reload()
     assert [e.step for e in acc.Scalars("lm loss")] == [1, 2, 3]
+    for name in ("timers/forward-backward", "timers/optimizer"):
+        assert [e.step for e in acc.Scalars(name)] == [1, 2, 3] and all(e.value > 0 for e in acc.Scalars(name))
+
+
+def _tiny_two_layers():
+    import dataclasses
+
+    from megatron_rlp.models.presets import get_preset
+
+    return dataclasses.replace(get_preset("tiny"), num_layers=2)
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path, capsys):

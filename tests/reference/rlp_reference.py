@@ -322,11 +322,13 @@ def megatron_state_dict_from_reference(
 # -------------------------------------------------------------------------- objective pieces
 
 
-def token_logprobs(model: nn.Module, sequence: Sequence[int], vocab_size: Optional[int] = None) -> torch.Tensor:
-    """[len − 1]: entry j is log p(sequence[j + 1] | sequence[: j + 1]).  With ``vocab_size`` the
-    softmax runs over the tokenizer's ids only (the model's embedding may be padded past them)."""
+def token_logprobs(model: nn.Module, sequence: Sequence[int], vocab_size: Optional[int] = None,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """[len − 1]: entry j is log p(sequence[j + 1] | sequence[: j + 1]) under softmax(logits / T).
+    With ``vocab_size`` the softmax runs over the tokenizer's ids only (the model's embedding may be
+    padded past them)."""
     seq = torch.as_tensor(list(sequence), dtype=torch.long)
-    logits = model(seq[:-1]).float()
+    logits = model(seq[:-1]).float() / temperature
     if vocab_size is not None:
         logits = logits[:, :vocab_size]
     logz = torch.logsumexp(logits, dim=-1)
@@ -411,10 +413,13 @@ def reference_rlp_iteration(
     ema_decay: float,
     forced_mask: Optional[Sequence[Sequence[bool]]] = None,
     vocab_size: Optional[int] = None,
+    temperature: float = 1.0,
 ) -> dict:
     """One RLP iteration (RLP_SPEC.md, Algorithm steps 3–6) for given thoughts.
 
     ``vocab_size``: the tokenizer's ids; every probability is a softmax over them only.
+    ``temperature``: T of the policy that drew the thoughts; the policy terms (ρ and its gradient)
+    use log softmax(logits / T) of the thought tokens, S_pred and S_ema log-probs at T = 1.
 
     θ_old = θ (one update per sample batch), so logp_old = logp_new.detach() and ρ = 1 in value.
     ``ema_model=None`` means φ is uninitialised: it is created as a copy of θ (lazy init).
@@ -461,10 +466,12 @@ def reference_rlp_iteration(
         for i in range(G):
             c = [int(tok) for tok in thoughts[b][i]]
             seq = ctx + [open_id] + c + [close_id] + [x_t]
-            lp = token_logprobs(model, seq, vocab_size)  # lp[j] = log p(seq[j+1] | seq[:j+1])
-            # Step 4b: S_pred = log p_θ(x_t | x_<t, open, c, close), no gradient.
-            s_pred[b, i] = lp[-1].detach()
-            # Policy tokens: c (positions len(ctx)+1 ...) and the close marker unless forced.
+            # Step 4b: S_pred = log p_θ(x_t | x_<t, open, c, close) at T = 1, no gradient.
+            with torch.no_grad():
+                s_pred[b, i] = token_logprobs(model, seq, vocab_size)[-1]
+            # Policy tokens: c (positions len(ctx)+1 ...) and the close marker unless forced,
+            # scored by the sampling policy softmax(logits / T); a second pass keeps the two apart.
+            lp = token_logprobs(model, seq, vocab_size, temperature)  # lp[j] = log π(seq[j+1] | seq[:j+1])
             first = len(ctx) + 1  # index in seq of the first thought token
             n_policy = len(c) + (0 if forced_mask[b][i] else 1)
             row_logps.append(lp[first - 1 : first - 1 + n_policy])

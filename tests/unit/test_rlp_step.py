@@ -25,6 +25,120 @@ def test_one_iteration_matches_reference_tp1(corpus, tie):
     assert any(v.abs().max() > 0 for v in mega["grads"].values())
 
 
+def test_untempered_ratio_flag_scores_thoughts_at_t1(corpus):
+    """--rlp-untempered-ratio keeps the old scoring (thought tokens at T = 1), which the reference
+    at T = 1 reproduces; at T = 0.7 with these logits it is a clearly different update from the
+    default (the tempered run's gradients differ by > 1 %), so the tempered parity test above
+    cannot pass by accident with untempered scoring."""
+    from rlp_parity import run_parity
+
+    untempered, ref = run_parity(corpus, tp=1, pp=1, temperature=0.7, untempered_ratio=True)
+    check_against_reference(untempered, ref)
+    tempered, _ = run_parity(corpus, tp=1, pp=1, temperature=0.7)
+    rel = max(((tempered["grads"][n] - untempered["grads"][n]).abs().max()
+               / untempered["grads"][n].abs().max().clamp(min=1e-12)).item() for n in tempered["grads"])
+    assert rel > 0.01
+    # The entropy metric follows the scored policy: lower when tempered at T < 1.
+    assert tempered["history"]["rlp/policy_entropy"] < untempered["history"]["rlp/policy_entropy"] - 0.05
+
+
+def test_kl_reference_is_scored_at_the_sampling_temperature(corpus):
+    """With --rlp-kl-beta the frozen reference's log-probs of the thought tokens are taken under
+    softmax(logits / T) like the policy's (k3 is unbiased only for tokens drawn from the policy it
+    compares): at the first iteration π_ref = θ, so they equal the reference's tempered log-probs,
+    the KL is 0 and the update still matches the reference."""
+    from rlp_parity import run_parity
+
+    mega, ref = run_parity(corpus, tp=1, pp=1, temperature=0.7, kl_beta=0.5)
+    check_against_reference(mega, ref)
+    assert mega["history"]["rlp/kl"] == pytest.approx(0.0, abs=1e-6)
+    got = torch.cat([mb["logp_ref"] for mb in mega["microbatches"]])  # [contexts*G, L+1]
+    mask = torch.cat([mb["thought_mask"] for mb in mega["microbatches"]])
+    want = [lp for per_context in ref["logp_thought"] for lp in per_context]
+    for row, lp in enumerate(want):
+        n = int(mask[row].sum())
+        assert n == lp.numel()
+        assert torch.allclose(got[row][mask[row]], lp, atol=1e-5), row
+
+
+def test_tempered_rows_in_bf16_keep_t_exact():
+    """On a GPU the hidden states are bf16.  Scaling them by a bf16 1/T (1/0.7 -> 1.4297) would
+    shift every logit by 0.08 % (a different T); scaling in fp32 and rounding the product leaves
+    only per-element rounding, which averages out in the logits.  x_t's row stays at T = 1."""
+    from megatron_rlp.rlp.step import _score_at_policy_temperature
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 5, 512, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(256, 512, generator=gen).to(torch.bfloat16)
+    scaled = _score_at_policy_temperature(rows, RLPConfig(rlp_temperature=0.7))
+    exact = (rows.float() @ weight.float().T) / 0.7
+    got = scaled.float() @ weight.float().T
+    big = exact[:, :-1].abs() > 10
+    bias = ((got[:, :-1] - exact[:, :-1])[big] / exact[:, :-1][big]).mean().abs()
+    assert bias < 1e-4, bias.item()  # a bf16 1/T gives 7.8e-4
+    assert torch.equal(scaled[:, -1], rows[:, -1])
+    untempered = _score_at_policy_temperature(rows, RLPConfig(rlp_temperature=0.7, rlp_untempered_ratio=True))
+    assert torch.equal(untempered, rows)
+
+
+def test_greedy_needs_the_untempered_ratio():
+    with pytest.raises(ValueError, match=r"--rlp-temperature 0 \(greedy\).*--rlp-untempered-ratio"):
+        validate_rlp_config(RLPConfig(rlp_temperature=0.0))
+    validate_rlp_config(RLPConfig(rlp_temperature=0.0, rlp_untempered_ratio=True))
+
+
+def test_log_line_flops_are_the_cost_model_of_the_real_batch(corpus, capsys):
+    """TFLOP/s/GPU counts every phase (teacher, sampling, update, optimizer, EMA) from the cost
+    model for this batch's real lengths: each context at its t, each thought at its own length.
+    The thoughts are uneven, so the update's padded rows hold more tokens than are counted."""
+    from megatron_rlp.training import cost_model as cm
+    from rlp_parity import G, run_parity
+
+    mega, _ = run_parity(corpus, tp=1, pp=1)
+    record, source = mega["history"], mega["source"]
+    docs, positions = source.calls[0]
+    context_lens = [t for pos in positions for t in pos]
+    thought_lens = [[len(c) for c in source.thoughts[i]] for i in range(len(context_lens))]
+    assert len({n for row in thought_lens for n in row}) > 1  # uneven thoughts
+    expected = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, "rows",
+                                 teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2)
+    assert all(expected.phases[k].model_flops > 0 for k in ("teacher", "sampling_prefill", "sampling_decode", "update"))
+    assert record["model_flops"] == pytest.approx(expected.model_flops, rel=1e-12)
+    assert record["tflops_per_gpu"] == pytest.approx(
+        expected.model_flops / (record["elapsed_ms"] / 1000) / 1e12, rel=1e-9)
+    # Real update tokens: context + open + thought + close per row; the rows are padded past that.
+    real = sum(t + n + 2 for t, row in zip(context_lens, thought_lens) for n in row)
+    assert expected.phases["update"].tokens == real
+    assert sum(mb["tokens"].numel() for mb in mega["microbatches"]) > real
+    assert len(source.thoughts[0]) == G
+    # The phase timers are in the log line and the record.
+    line = next(l for l in capsys.readouterr().out.splitlines() if "iteration        1/" in l)
+    phases = line.split("elapsed time per phase (ms): ")[1].split(" | ")[0]
+    assert [p.rsplit(" ", 1)[0] for p in phases.split(", ")] == [
+        "rlp-teacher", "rlp-sampling", "forward-backward", "optimizer", "rlp-ema"]
+    assert set(record["timers_ms"]) == {"rlp-teacher", "rlp-sampling", "forward-backward", "optimizer", "rlp-ema"}
+
+
+def test_reused_sample_batch_counts_no_teacher_or_sampling(corpus):
+    """--rlp-updates-per-batch 2: the second iteration reuses the batch (no teacher forward, no
+    sampling), so its FLOPs are the update, optimizer and EMA of the same real batch."""
+    from megatron_rlp.training import cost_model as cm
+    from rlp_parity import run_parity
+
+    mega, _ = run_parity(corpus, tp=1, pp=1, iters=2, updates_per_batch=2, reference=False)
+    first, second = mega["all_history"]
+    assert len(mega["source"].calls) == 1
+    docs, positions = mega["source"].calls[0]
+    context_lens = [t for pos in positions for t in pos]
+    thought_lens = [[len(c) for c in mega["source"].thoughts[i]] for i in range(len(context_lens))]
+    sampled = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, "rows",
+                                teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2)
+    reused = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, "rows", sampled=False)
+    assert first["model_flops"] == pytest.approx(sampled.model_flops, rel=1e-12)
+    assert second["model_flops"] == pytest.approx(reused.model_flops, rel=1e-12)
+    assert set(second["timers_ms"]) == {"forward-backward", "optimizer", "rlp-ema"}
+
+
 def test_update_does_not_depend_on_the_teacher(corpus):
     """S_ema cancels from the group advantage: the gradients are bitwise the same whatever the
     teacher holds, and whether or not its forward runs (--rlp-baseline-interval)."""
