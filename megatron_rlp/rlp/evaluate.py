@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -66,24 +67,43 @@ def paired_change(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
 @torch.no_grad()
 def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tensor, batch_size: int,
            vocab_size: Optional[int] = None):
-    """log p(target) and argmax-correctness at the given label slots; last pipeline stage only.
-    ``vocab_size`` leaves the output layer's padded ids out of the softmax and the argmax."""
-    out_lp, out_ok = [], []
-    for start in range(0, tokens.shape[0], batch_size):
-        tok = tokens[start : start + batch_size]
-        pos = torch.arange(tok.shape[1]).expand_as(tok)
-        logits = model(tok, pos, None)
-        if not parallel_state.is_pipeline_last_stage():
-            continue
-        logits = gather_from_tensor_model_parallel_region(logits).float()
-        rows = logits[torch.arange(tok.shape[0])[:, None], slots[start : start + batch_size]]
+    """log p(target) and argmax-correctness at the given label slots, forward-only under megatron's
+    pipeline schedule (every stage calls it with the same rows; lists of per-micro-batch results on
+    the last stage, empty lists elsewhere).  ``vocab_size`` leaves the output layer's padded ids out
+    of the softmax and the argmax."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    n = tokens.shape[0]
+    size = min(batch_size, n)
+    batches = []
+    for start in range(0, n, size):
+        rows = torch.arange(start, start + size).clamp(max=n - 1)  # the schedule needs equal shapes
+        batches.append({"tokens": tokens[rows], "slots": slots[rows], "targets": targets[rows],
+                        "real": min(size, n - start)})
+
+    def loss_func(batch, logits):
+        picked = logits[torch.arange(size)[:, None], batch["slots"]]  # [B, K, V/TP]
+        picked = gather_from_tensor_model_parallel_region(picked).float()
         if vocab_size is not None:
-            rows = rows[..., :vocab_size]
-        logp = torch.log_softmax(rows, dim=-1)
-        tgt = targets[start : start + batch_size]
-        out_lp.append(logp.gather(-1, tgt[..., None])[..., 0])
-        out_ok.append((rows.argmax(-1) == tgt).float())
-    return out_lp, out_ok
+            picked = picked[..., :vocab_size]
+        logp = torch.log_softmax(picked, dim=-1)
+        real = batch["real"]
+        tgt = batch["targets"]
+        return torch.zeros(()), {"logp": logp.gather(-1, tgt[..., None])[..., 0][:real],
+                                 "ok": (picked.argmax(-1) == tgt).float()[:real]}
+
+    def forward_step(data_iterator, stage_model):
+        batch = next(data_iterator)
+        tok = batch["tokens"]
+        return stage_model(tok, torch.arange(tok.shape[1]).expand_as(tok), None), partial(loss_func, batch)
+
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        num_microbatches=len(batches), seq_length=tokens.shape[1], micro_batch_size=size, forward_only=True,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return [], []
+    return [o["logp"] for o in outputs], [o["ok"] for o in outputs]
 
 
 def split_into_windows(documents: list[torch.Tensor], positions: list[list[int]], window: int, overlap: int):
@@ -118,9 +138,12 @@ def evaluate_thinking(
     batch_size: int = 256,
     vocab_size: Optional[int] = None,
     min_context: int = 1,
-) -> ThinkingEval:
+    sampler_micro_batch_size: Optional[int] = None,
+) -> Optional[ThinkingEval]:
     """``max_sequence_length``: the input tokens a row may have (context, markers, thought), the
-    run's --seq-length; ``min_context``: the overlap of consecutive windows of a long document."""
+    run's --seq-length; ``min_context``: the overlap of consecutive windows of a long document.
+    Every rank of the model-parallel group calls it; the result is on the last pipeline stage
+    (None on the others)."""
     window = longest_context(max_sequence_length, thought_len) + 1  # context + target
     if window <= min_context:
         raise ValueError(
@@ -139,6 +162,7 @@ def evaluate_thinking(
             model, window_docs, window_positions, num_thoughts=num_thoughts, max_thought_len=thought_len,
             open_id=open_id, close_id=close_id, eod_id=eod_id, temperature=temperature, seed=seed,
             max_sequence_length=max_sequence_length, vocab_size=vocab_size,
+            **({"micro_batch_size": sampler_micro_batch_size} if sampler_micro_batch_size else {}),
         )
         closed, closed_len = thoughts.closed_tokens(eod_id)
         seqs = build_update_sequences(window_docs, thoughts.doc_index, thoughts.position, closed, closed_len,
@@ -162,7 +186,7 @@ def evaluate_thinking(
         model.return_hidden = return_hidden
         model.train(was_training)
     if not parallel_state.is_pipeline_last_stage():
-        raise RuntimeError("evaluate_thinking reports on the last pipeline stage; call it there")
+        return None
 
     g = num_thoughts
     lp_think = torch.cat(lp_think).view(-1, g)  # [contexts, G]
