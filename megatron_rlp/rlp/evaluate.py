@@ -75,6 +75,7 @@ def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tens
 
     n = tokens.shape[0]
     size = min(batch_size, n)
+    device = next(model.parameters()).device
     batches = []
     for start in range(0, n, size):
         rows = torch.arange(start, start + size).clamp(max=n - 1)  # the schedule needs equal shapes
@@ -82,20 +83,20 @@ def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tens
                         "real": min(size, n - start)})
 
     def loss_func(batch, logits):
-        picked = logits[torch.arange(size)[:, None], batch["slots"]]  # [B, K, V/TP]
+        picked = logits[torch.arange(size, device=device)[:, None], batch["slots"].to(device)]  # [B, K, V/TP]
         picked = gather_from_tensor_model_parallel_region(picked).float()
         if vocab_size is not None:
             picked = picked[..., :vocab_size]
         logp = torch.log_softmax(picked, dim=-1)
         real = batch["real"]
-        tgt = batch["targets"]
+        tgt = batch["targets"].to(device)
         return torch.zeros(()), {"logp": logp.gather(-1, tgt[..., None])[..., 0][:real],
                                  "ok": (picked.argmax(-1) == tgt).float()[:real]}
 
     def forward_step(data_iterator, stage_model):
         batch = next(data_iterator)
-        tok = batch["tokens"]
-        return stage_model(tok, torch.arange(tok.shape[1]).expand_as(tok), None), partial(loss_func, batch)
+        tok = batch["tokens"].to(device)
+        return stage_model(tok, torch.arange(tok.shape[1], device=device).expand_as(tok), None), partial(loss_func, batch)
 
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[model],

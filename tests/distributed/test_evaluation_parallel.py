@@ -61,6 +61,6 @@ def test_evaluation_matches_single_process(corpus, baselines, objective, tp, pp)
         keys = {k for k in want_h if k not in ("elapsed_ms", "tflops_per_gpu")}
         assert keys == set(got_h) - {"elapsed_ms", "tflops_per_gpu"}
         for k in keys:
-            assert abs(got_h[k] - want_h[k]) <= 1e-4 * max(1.0, abs(want_h[k])), (h := got_h["iteration"], k)
+            assert abs(got_h[k] - want_h[k]) <= 1e-4 * max(1.0, abs(want_h[k])), (got_h["iteration"], k)
         evaluated += any(" validation" in k for k in keys)
     assert evaluated == 2  # iteration 2 and the end of training

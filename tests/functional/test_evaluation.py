@@ -75,14 +75,14 @@ def test_bad_evaluation_flags_are_refused_before_training(corpus, tmp_path):
 
 # -- next-token: validation loss -----------------------------------------------------------------
 def test_ntp_evaluation_leaves_training_bitwise_unchanged(corpus):
-    plain = run_single_process(tiny_run_args(corpus, iters=5, split=SPLIT))
-    evaluated = run_single_process(tiny_run_args(corpus, iters=5, split=SPLIT, eval_interval=2, eval_iters=2))
+    plain = run_single_process(tiny_run_args(corpus, iters=3, split=SPLIT))
+    evaluated = run_single_process(tiny_run_args(corpus, iters=3, split=SPLIT, eval_interval=2, eval_iters=2))
     assert _training_part(evaluated) == _training_part(plain)
     values = _validation_part(evaluated)
-    # Every 2 iterations, and once more at the end of training (5 is no multiple of 2).
-    assert [i for i, v in values.items() if v] == [2, 4, 5]
-    assert values[4]["lm loss validation"] != values[2]["lm loss validation"]  # the model changed
-    for v in (values[2], values[4], values[5]):
+    # Every 2 iterations, and once more at the end of training (3 is no multiple of 2).
+    assert [i for i, v in values.items() if v] == [2, 3]
+    assert values[3]["lm loss validation"] != values[2]["lm loss validation"]  # the model changed
+    for v in (values[2], values[3]):
         assert v["lm loss validation ppl"] == pytest.approx(math.exp(v["lm loss validation"]), rel=1e-12)
 
 
@@ -118,32 +118,22 @@ def _independent_validation_loss(corpus, eval_iters, global_batch, seq_length, s
         parallel.destroy()
 
 
-def test_ntp_validation_loss_is_the_mean_token_loss_of_the_validation_split(corpus):
-    # lr 0: the model stays the initial one, so every evaluation must give the independent value.
-    history = run_single_process(tiny_run_args(corpus, iters=4, split=SPLIT, eval_interval=3, eval_iters=2)
-                                 + ["--lr", "0"])
-    want = _independent_validation_loss(corpus, eval_iters=2, global_batch=8, seq_length=32, seed=7)
-    values = _validation_part(history)
-    assert values[3]["lm loss validation"] == pytest.approx(want, rel=1e-5)
-    assert values[4]["lm loss validation"] == pytest.approx(want, rel=1e-5)  # the end of training
-
-
 # -- RLP: held-out information gain ---------------------------------------------------------------
 def test_rlp_evaluation_leaves_training_bitwise_unchanged(corpus):
     """Evaluating between the two updates on one sample batch (--rlp-updates-per-batch 2) must not
     touch the data cursor, the sampling seeds, the cached batch or the model's mode."""
     common = dict(split=SPLIT, rlp_updates_per_batch=2, **RLP)
-    plain = run_single_process(tiny_run_args(corpus, iters=3, **common))
-    evaluated = run_single_process(tiny_run_args(corpus, iters=3, eval_interval=1, eval_iters=1, **common))
+    plain = run_single_process(tiny_run_args(corpus, iters=2, **common))
+    evaluated = run_single_process(tiny_run_args(corpus, iters=2, eval_interval=1, eval_iters=1, **common))
     assert _training_part(evaluated) == _training_part(plain)
     values = _validation_part(evaluated)
-    assert sorted(values) == [1, 2, 3]
+    assert sorted(values) == [1, 2]
     for v in values.values():
         assert v["rlp/eval_windows validation"] == 8  # --eval-iters 1 x --global-batch-size 8 windows
         assert 0 <= v["rlp/eval_acc_think validation"] <= 1 and 0 <= v["rlp/eval_acc_plain validation"] <= 1
         assert math.isfinite(v["rlp/eval_info_gain validation"]) and v["rlp/eval_info_gain_se validation"] > 0
         assert 1 <= v["rlp/eval_thought_len_mean validation"] <= 4  # thought + close marker
-    assert values[3]["rlp/eval_info_gain validation"] != values[1]["rlp/eval_info_gain validation"]
+    assert values[2]["rlp/eval_info_gain validation"] != values[1]["rlp/eval_info_gain validation"]
 
 
 # -- W&B -------------------------------------------------------------------------------------------
@@ -162,8 +152,6 @@ if mode == "stub":  # records what the writer sends
         rec["config"] = {k: kwargs["config"][k] for k in ("lr", "eval_interval", "split")}
         return Run()
     sys.modules["wandb"] = types.SimpleNamespace(init=init)
-elif mode == "missing":
-    sys.modules["wandb"] = None  # import wandb raises ImportError
 else:  # the real package, offline: spy on what reaches it
     from wandb.sdk import wandb_run
     log, finish = wandb_run.Run.log, wandb_run.Run.finish
@@ -201,12 +189,14 @@ def _tensorboard_scalars(tb_dir):
 
 
 @pytest.mark.parametrize("mode", ["stub", "offline"])
-def test_wandb_gets_the_tensorboard_scalars(corpus, tmp_path, mode):
+def test_validation_loss_is_right_and_wandb_gets_the_tensorboard_scalars(corpus, tmp_path, mode):
+    """W&B (faked, or the real package offline) gets the TensorBoard scalars; with --lr 0 the model
+    stays the initial one, so every validation loss must be the independently computed one."""
     if mode == "offline":
         pytest.importorskip("wandb")
     tb, wb = str(tmp_path / "tb"), str(tmp_path / "wb")
-    args = tiny_run_args(corpus, iters=3, split=SPLIT, eval_interval=2, eval_iters=1, tensorboard_dir=tb,
-                         wandb_project="rlp-test", wandb_exp_name="tiny", wandb_save_dir=wb)
+    args = tiny_run_args(corpus, iters=3, split=SPLIT, eval_interval=2, eval_iters=2, tensorboard_dir=tb,
+                         wandb_project="rlp-test", wandb_exp_name="tiny", wandb_save_dir=wb) + ["--lr", "0"]
     proc, calls = _run_with_wandb(mode, args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     sent = {(k, step): v for data, step in calls["log"] for k, v in data.items()}
@@ -220,17 +210,22 @@ def test_wandb_gets_the_tensorboard_scalars(corpus, tmp_path, mode):
     assert calls["finished"] == 1
     if mode == "stub":
         assert calls["init"] == {"project": "rlp-test", "name": "tiny", "dir": wb}
-        assert calls["config"] == {"lr": 1e-3, "eval_interval": 2, "split": SPLIT}
+        assert calls["config"] == {"lr": 0.0, "eval_interval": 2, "split": SPLIT}
+        want = _independent_validation_loss(corpus, eval_iters=2, global_batch=8, seq_length=32, seed=7)
+        for step in (2, 3):
+            assert sent[("lm loss validation", step)] == pytest.approx(want, rel=1e-5)
     else:
         assert any(name.startswith("offline-run-") for name in os.listdir(os.path.join(wb, "wandb")))
 
 
-def test_wandb_flags_without_the_package_fail_at_start(corpus, tmp_path):
+def test_wandb_flags_without_the_package_fail_at_start(corpus, tmp_path, monkeypatch, capsys):
+    from megatron_rlp.pretrain import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     tb = str(tmp_path / "tb")
-    args = tiny_run_args(corpus, iters=2, tensorboard_dir=tb, wandb_project="p", wandb_exp_name="x")
-    proc, _ = _run_with_wandb("missing", args, tmp_path)
-    assert proc.returncode == 2
-    assert "--wandb-project needs the wandb package" in proc.stderr and "megatron-rlp[wandb]" in proc.stderr
-    assert "iteration" not in proc.stdout and not os.path.exists(tb)  # nothing ran
-    proc, _ = _run_with_wandb("missing", tiny_run_args(corpus, iters=2, wandb_project="p"), tmp_path)
-    assert proc.returncode == 2 and "--wandb-project needs --wandb-exp-name" in proc.stderr
+    assert main(tiny_run_args(corpus, iters=2, tensorboard_dir=tb, wandb_project="p", wandb_exp_name="x")) == 2
+    out = capsys.readouterr()
+    assert "--wandb-project needs the wandb package" in out.err and "megatron-rlp[wandb]" in out.err
+    assert "iteration" not in out.out and not os.path.exists(tb)  # nothing ran
+    assert main(tiny_run_args(corpus, iters=2, wandb_project="p")) == 2
+    assert "--wandb-project needs --wandb-exp-name" in capsys.readouterr().err
