@@ -29,6 +29,8 @@ setup(
         # CUDA-only; install inside an NGC PyTorch container.
         "gpu": ["transformer-engine[pytorch]", "mamba-ssm", "causal-conv1d"],
         "convert": ["transformers>=4.51", "safetensors"],
+        # Optional, as in Megatron-LM: only --wandb-project needs it.
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["megatron-rlp-pretrain=megatron_rlp.pretrain:main"]},
 )

@@ -161,6 +161,25 @@ class DataConfig:
     tokenizer_type: str = option("NullTokenizer", "SentencePieceTokenizer, GPTSentencePieceTokenizer, HuggingFaceTokenizer or NullTokenizer.")
     tokenizer_model: Optional[str] = option(None, "Tokenizer model file (SentencePiece) or local directory (HuggingFace).")
     shuffle_documents: bool = option(True, "Shuffle document order each epoch (seeded).")
+    split: Optional[str] = option(
+        None, "Train/validation/test proportions of the documents of --data-path, e.g. '969,30,1' "
+        "(Megatron-LM's --split: normalised, each split a contiguous range of documents in dataset "
+        "order; training reads only its own range). Default: every document trains (Megatron-LM "
+        "defaults to '969,30,1').")
+    valid_data_path: Optional[str] = option(
+        None, "Prefix of a separate .bin/.idx validation dataset (instead of a --split share of "
+        "--data-path).")
+
+
+@dataclass
+class EvaluationConfig:
+    eval_interval: Optional[int] = option(
+        None, "Evaluate on the validation data every N iterations and at the end of training "
+        "(Megatron-LM's default is 1000; here no evaluation unless given). Needs --split with a "
+        "validation share or --valid-data-path.")
+    eval_iters: int = option(
+        100, "Iterations (of --global-batch-size samples) per evaluation; every evaluation reads the "
+        "same held-out samples, from the start of the validation data.")
 
 
 @dataclass
@@ -175,6 +194,11 @@ class LoggingConfig:
         "--log-interval (Megatron-LM's default is 0).", choices=[0, 1, 2])
     log_timers_to_tensorboard: bool = option(True, "Write the phase timers to TensorBoard as timers/<phase> "
                                              "(Megatron-LM's default is off).")
+    wandb_project: Optional[str] = option(
+        None, "Send the TensorBoard scalars to this Weights & Biases project as well (needs the "
+        "wandb package: pip install megatron-rlp[wandb]).")
+    wandb_exp_name: Optional[str] = option(None, "W&B run name (required with --wandb-project, as in Megatron-LM).")
+    wandb_save_dir: Optional[str] = option(None, "W&B's local directory (default: <--save>/wandb).")
 
 
 @dataclass
@@ -208,6 +232,7 @@ CONFIG_GROUPS = {
     "training": TrainingConfig,
     "data": DataConfig,
     "logging": LoggingConfig,
+    "evaluation": EvaluationConfig,
     "checkpoint": CheckpointConfig,
 }
 

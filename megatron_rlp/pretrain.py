@@ -84,6 +84,10 @@ def setup_run(run, need_data: bool = True):
     platform.setup_platform()
     if need_data and not run.data.data_path:
         raise ValueError("--data-path is required (prefix of a .bin/.idx dataset from tools/preprocess_data.py)")
+    check_evaluation_config(run)
+    from megatron_rlp.training.logging import check_wandb_config
+
+    check_wandb_config(run.logging)
     if "rlp" in run.extra:
         from megatron_rlp.rlp.config import validate_rlp_config
 
@@ -96,15 +100,85 @@ def setup_run(run, need_data: bool = True):
         seq_length=run.training.seq_length, load=run.checkpoint.load,
     )
     dataset = open_indexed_dataset(run.data.data_path) if need_data else None
+    train_documents = None
+    if dataset is not None:  # an empty split fails here, before the model is built
+        train_documents = _split_range(run, dataset, 0)
+        if run.evaluation.eval_interval and run.data.valid_data_path is None:
+            _split_range(run, dataset, 1)
     state = loop.setup(run, preset)
     stream = None
     if dataset is not None:
         stream = DocumentStream(
             # Ids must be ones the tokenizer can produce (the model pads its vocabulary past them).
             dataset, tokenizer.vocab_size, seed=run.training.seed, shuffle=run.data.shuffle_documents,
-            eod_id=tokenizer.eod, name=run.data.data_path,
+            eod_id=tokenizer.eod, name=run.data.data_path, documents=train_documents,
         )
     return state, tokenizer, stream
+
+
+def check_evaluation_config(run) -> None:
+    """--eval-interval / --eval-iters / --split / --valid-data-path, before anything is built."""
+    from megatron_rlp.data.documents import split_documents
+
+    ev, data = run.evaluation, run.data
+    if data.split is not None:
+        split_documents(data.split, 1000)  # the syntax; the ranges need the dataset
+    if ev.eval_interval is None:
+        return
+    if ev.eval_interval < 1 or ev.eval_iters < 1:
+        raise ValueError(f"--eval-interval and --eval-iters must be >= 1, got {ev.eval_interval} and {ev.eval_iters}")
+    if data.valid_data_path is None and data.split is None:
+        raise ValueError(
+            "--eval-interval needs validation data: pass --split (e.g. '969,30,1': a validation share "
+            "of the documents of --data-path, as in Megatron-LM) or --valid-data-path"
+        )
+    if data.valid_data_path is not None:
+        if data.split is not None and len(split_documents(data.split, 1 << 20)[1]):
+            raise ValueError(
+                f"--split {data.split!r} gives --data-path a validation share and --valid-data-path "
+                "is given as well; pass one of them (e.g. --split 100,0,0 with --valid-data-path)"
+            )
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        if not IndexedDataset.exists(data.valid_data_path):
+            raise FileNotFoundError(
+                f"--valid-data-path {data.valid_data_path!r}: no {data.valid_data_path}.bin / "
+                f"{data.valid_data_path}.idx found; create them with tools/preprocess_data.py "
+                f"--output-prefix {data.valid_data_path}"
+            )
+
+
+def _split_range(run, dataset, index: int):
+    """The documents of split ``index`` (0 train, 1 validation) of --data-path under --split."""
+    from megatron_rlp.data.documents import DataError, SPLIT_NAMES, split_documents
+
+    if run.data.split is None:
+        return None
+    documents = split_documents(run.data.split, len(dataset.sequence_lengths))[index]
+    if not documents:
+        raise DataError(
+            f"--split {run.data.split!r} leaves the {SPLIT_NAMES[index]} split of the "
+            f"{len(dataset.sequence_lengths)} documents of --data-path {run.data.data_path!r} empty; "
+            "give it a larger share"
+        )
+    return documents
+
+
+def build_validation_stream(run, stream):
+    """The held-out documents --eval-interval evaluates on (None without --eval-interval): the
+    validation share of --data-path under --split, or --valid-data-path.  Read in a seeded order
+    (as the training stream is) from the same start at every evaluation."""
+    if run.evaluation.eval_interval is None:
+        return None
+    from megatron_rlp.data.documents import DocumentStream, open_indexed_dataset
+
+    if run.data.valid_data_path is not None:
+        dataset, name, documents = open_indexed_dataset(run.data.valid_data_path), run.data.valid_data_path, None
+    else:
+        dataset, name = stream.dataset, f"{run.data.data_path} (validation split)"
+        documents = _split_range(run, dataset, 1)
+    return DocumentStream(dataset, stream.vocab_size, seed=run.training.seed, shuffle=run.data.shuffle_documents,
+                          eod_id=stream.eod_id, name=name, documents=documents)
 
 
 def run_training(run, on_iteration=None) -> list[dict]:
@@ -113,7 +187,8 @@ def run_training(run, on_iteration=None) -> list[dict]:
 
     state, tokenizer, stream = setup_run(run)
     objective = build_objective(run, state, tokenizer, stream)
-    return loop.train(state, objective, on_iteration=on_iteration)
+    return loop.train(state, objective, on_iteration=on_iteration,
+                      validation=build_validation_stream(run, stream))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -139,6 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = RunConfig(**{name: cfg.from_namespace(cls, ns) for name, cls in cfg.CONFIG_GROUPS.items()})
     result = evaluate_checkpoint(run, ns.num_docs, ns.positions_file, ns.num_thoughts, ns.thought_len,
                                  ns.temperature, ns.seed, ns.min_context)
+    if result is None:  # not the last pipeline stage: that one reports
+        return 0
     summary = result.summary()
     print(format_table(summary))
     if ns.output:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from struct import error as struct_error
 from typing import Optional
@@ -81,6 +82,40 @@ class DataError(ValueError):
     """Bad training data: the message names the file, the document and the fix."""
 
 
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def split_documents(split: str, num_documents: int) -> list[range]:
+    """Megatron-LM's ``--split``: the train, validation and test ranges of document indices.
+
+    As megatron.core.datasets reads it: up to three non-negative proportions (missing ones are 0),
+    normalised; split i is the contiguous range [round(b_i * N), round(e_i * N)) of the documents
+    in dataset order, where [b_i, e_i) are the cumulative bounds.  It depends on nothing else, so
+    it is the same at every restart and layout.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
+
+    numbers = [n for n in re.split(r"[\s,/]+", split) if n]
+    try:
+        values = [float(n) for n in numbers]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 3 or min(values) < 0 or sum(values) <= 0:
+        raise ValueError(
+            f"--split {split!r}: expected one to three non-negative proportions for train, validation "
+            "and test with a positive sum, e.g. '969,30,1'"
+        )
+    values += [0.0] * (3 - len(values))
+    matrix = convert_split_vector_to_split_matrix([v / sum(values) for v in values])
+    ranges = []
+    for bounds in matrix:
+        if bounds is None:
+            ranges.append(range(0))
+        else:
+            ranges.append(range(int(round(bounds[0] * num_documents)), int(round(bounds[1] * num_documents))))
+    return ranges
+
+
 def open_indexed_dataset(path_prefix: str) -> IndexedDataset:
     """Open a .bin/.idx pair, checking that the .bin holds exactly the bytes the .idx describes."""
     if not IndexedDataset.exists(path_prefix):
@@ -131,7 +166,10 @@ class DocumentStream:
         shuffle: bool = True,
         eod_id: Optional[int] = None,
         name: str = "dataset",
+        documents: Optional[range] = None,
     ):
+        """``documents``: the dataset's documents this stream reads (a --split range; default
+        all); the epoch order permutes them, so without a split the order is as before."""
         self.dataset = dataset
         self.vocab_size = vocab_size
         self.seed = seed
@@ -147,21 +185,26 @@ class DocumentStream:
                 f"{name}: document {int(empty[0])} is empty ({len(empty)} empty in all); "
                 "re-run tools/preprocess_data.py, which rejects or drops empty documents"
             )
+        self.documents = np.arange(len(self.lengths)) if documents is None else np.asarray(documents, dtype=np.int64)
+        if len(self.documents) == 0:
+            raise DataError(f"{name}: this split holds no documents; check --split")
         self.cursor = Cursor()
         self._order_epoch = -1
-        self._order = np.arange(len(self.lengths))
+        self._order = self.documents
 
     @property
     def num_documents(self) -> int:
-        return len(self.lengths)
+        """Documents this stream reads (its split of the dataset)."""
+        return len(self.documents)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
+        """Dataset document indices in the order of ``epoch``."""
         if epoch != self._order_epoch:
             if self.shuffle:
                 rng = np.random.default_rng([self.seed, epoch])
-                self._order = rng.permutation(len(self.lengths))
+                self._order = self.documents[rng.permutation(len(self.documents))]
             else:
-                self._order = np.arange(len(self.lengths))
+                self._order = self.documents
             self._order_epoch = epoch
         return self._order
 

@@ -36,6 +36,10 @@ class RLPConfig:
         "for RLP in that document, in document coordinates (each is used in the window that holds it); "
         "default: every position >= --rlp-min-context."
     )
+    rlp_valid_positions_file: Optional[str] = option(
+        None, "Like --rlp-positions-file, for the documents of --valid-data-path (--eval-interval); "
+        "under --split the validation documents take theirs from --rlp-positions-file."
+    )
     rlp_ema_decay: float = option(0.999, "τ of the EMA teacher: φ ← τφ + (1−τ)θ after every step.")
     rlp_clip_low: float = option(0.2, "ε_low of the clipped surrogate (ratio floor 1 − ε_low).")
     rlp_clip_high: float = option(0.2, "ε_high of the clipped surrogate (ratio ceiling 1 + ε_high).")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -69,30 +70,48 @@ def paired_change(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
 @torch.no_grad()
 def _score(model, tokens: torch.Tensor, slots: torch.Tensor, targets: torch.Tensor, batch_size: int,
            vocab_size: Optional[int] = None):
-    """log p(target) and argmax-correctness at the given label slots; last pipeline stage only.
-    ``vocab_size`` leaves the output layer's padded ids out of the softmax and the argmax."""
-    out_lp, out_ok = [], []
-    for start in range(0, tokens.shape[0], batch_size):
-        # on the device: the model embeds them, the log-probs gather with them
-        tok = tokens[start : start + batch_size].to(platform.device())
-        pos = torch.arange(tok.shape[1], device=tok.device).expand_as(tok)
-        with final_hidden_states(model):
-            hidden = model(tok, pos, None)
-        if not parallel_state.is_pipeline_last_stage():
-            continue
-        # fp32 logits at the scored slots only, from the projection the sampler and the trainer
-        # use (a bf16 output layer is ~0.2 nats off at |logit| ~ 60)
-        slot = slots[start : start + batch_size].to(tok.device)
-        picked = hidden.transpose(0, 1)[torch.arange(tok.shape[0], device=tok.device)[:, None], slot]  # [b, k, h]
+    """log p(target) and argmax-correctness at the given label slots, forward-only under megatron's
+    pipeline schedule (every stage calls it with the same rows; lists of per-micro-batch results on
+    the last stage, empty lists elsewhere).  The logits are the fp32 projection of the final hidden
+    states that the sampler and the trainer use (a bf16 output layer is ~0.2 nats off at |logit| ~
+    60).  ``vocab_size`` leaves the output layer's padded ids out of the softmax and the argmax."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    n = tokens.shape[0]
+    size = min(batch_size, n)
+    device = platform.device()
+    batches = []
+    for start in range(0, n, size):
+        rows = torch.arange(start, start + size).clamp(max=n - 1)  # the schedule needs equal shapes
+        batches.append({"tokens": tokens[rows], "slots": slots[rows], "targets": targets[rows],
+                        "real": min(size, n - start)})
+
+    def loss_func(batch, hidden):
+        slot = batch["slots"].to(device)
+        picked = hidden.transpose(0, 1)[torch.arange(size, device=device)[:, None], slot]  # [B, K, H]
         shard = vocab_shard_logits(model, picked.reshape(-1, picked.shape[-1]))
-        rows = gather_from_tensor_model_parallel_region(shard).view(*slot.shape, -1)
+        logits = gather_from_tensor_model_parallel_region(shard).view(*slot.shape, -1)
         if vocab_size is not None:
-            rows = rows[..., :vocab_size]
-        logp = torch.log_softmax(rows, dim=-1)
-        tgt = targets[start : start + batch_size].to(tok.device)
-        out_lp.append(logp.gather(-1, tgt[..., None])[..., 0])
-        out_ok.append((rows.argmax(-1) == tgt).float())
-    return out_lp, out_ok
+            logits = logits[..., :vocab_size]
+        logp = torch.log_softmax(logits, dim=-1)
+        real = batch["real"]
+        tgt = batch["targets"].to(device)
+        return logp.new_zeros(()), {"logp": logp.gather(-1, tgt[..., None])[..., 0][:real],
+                                    "ok": (logits.argmax(-1) == tgt).float()[:real]}
+
+    def forward_step(data_iterator, stage_model):
+        batch = next(data_iterator)
+        tok = batch["tokens"].to(device)
+        return stage_model(tok, torch.arange(tok.shape[1], device=device).expand_as(tok), None), partial(loss_func, batch)
+
+    with final_hidden_states(model):
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=len(batches), seq_length=tokens.shape[1], micro_batch_size=size, forward_only=True,
+        )
+    if not parallel_state.is_pipeline_last_stage():
+        return [], []
+    return [o["logp"] for o in outputs], [o["ok"] for o in outputs]
 
 
 def split_into_windows(documents: list[torch.Tensor], positions: list[list[int]], window: int, overlap: int):
@@ -127,9 +146,12 @@ def evaluate_thinking(
     batch_size: int = 256,
     vocab_size: Optional[int] = None,
     min_context: int = 1,
-) -> ThinkingEval:
+    sampler_micro_batch_size: Optional[int] = None,
+) -> Optional[ThinkingEval]:
     """``max_sequence_length``: the input tokens a row may have (context, markers, thought), the
-    run's --seq-length; ``min_context``: the overlap of consecutive windows of a long document."""
+    run's --seq-length; ``min_context``: the overlap of consecutive windows of a long document.
+    Every rank of the model-parallel group calls it; the result is on the last pipeline stage
+    (None on the others)."""
     window = longest_context(max_sequence_length, thought_len) + 1  # context + target
     if window <= min_context:
         raise ValueError(
@@ -148,6 +170,7 @@ def evaluate_thinking(
             model, window_docs, window_positions, num_thoughts=num_thoughts, max_thought_len=thought_len,
             open_id=open_id, close_id=close_id, eod_id=eod_id, temperature=temperature, seed=seed,
             max_sequence_length=max_sequence_length, vocab_size=vocab_size,
+            **({"micro_batch_size": sampler_micro_batch_size} if sampler_micro_batch_size else {}),
         )
         closed, closed_len = thoughts.closed_tokens(eod_id)
         seqs = build_update_sequences(window_docs, thoughts.doc_index, thoughts.position, closed, closed_len,
@@ -171,7 +194,7 @@ def evaluate_thinking(
         model.return_hidden = return_hidden
         model.train(was_training)
     if not parallel_state.is_pipeline_last_stage():
-        raise RuntimeError("evaluate_thinking reports on the last pipeline stage; call it there")
+        return None
 
     g = num_thoughts
     lp_think = torch.cat(lp_think).view(-1, g)  # [contexts, G]

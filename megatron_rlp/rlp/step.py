@@ -39,7 +39,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rlp import platform
-from megatron_rlp.data.documents import DataError, Window
+from megatron_rlp.data.documents import Cursor, DataError, Window
 from megatron_rlp.kernels import linear_logprob
 from megatron_rlp.rlp.config import (
     RLPConfig, longest_context, policy_inverse_temperature, resolve_markers, validate_rlp_config,
@@ -526,6 +526,104 @@ class RLPObjective:
                 cost.phases[k] = PhaseCost(model_flops, hardware_flops, tokens)
         return cost
 
+    # -- evaluation while training (--eval-interval) -------------------------------------------
+    def prepare_evaluation(self, validation) -> None:
+        """The held-out documents.  Their allowed positions: --rlp-positions-file under --split
+        (the validation documents are documents of --data-path, indexed as there),
+        --rlp-valid-positions-file with --valid-data-path, else every position >= --rlp-min-context."""
+        c = self.config
+        if validation.dataset is self.stream.dataset:
+            flag, allowed = "--rlp-positions-file", self.allowed_positions
+        else:
+            flag = "--rlp-valid-positions-file"
+            allowed = _read_positions_file(c.rlp_valid_positions_file, flag)
+        if allowed is not None and len(allowed) < len(validation.lengths):
+            raise ValueError(
+                f"{flag} lists {len(allowed)} documents, fewer than the {len(validation.lengths)} of the "
+                f"validation data ({validation.name}); give one list per document"
+            )
+        self.validation, self.validation_positions = validation, allowed
+        if not self._validation_contexts(1)[0]:
+            raise DataError(
+                f"{validation.name}: no validation document has a position t >= --rlp-min-context "
+                f"{c.rlp_min_context}" + (f" listed in {flag}" if allowed is not None else "")
+            )
+
+    def _validation_contexts(self, count: int) -> tuple[list[Window], list[list[int]]]:
+        """The first ``count`` windows of the validation data that have a position (at most one
+        pass over it), each with up to --rlp-positions-per-doc positions drawn from its allowed ones
+        by a generator keyed by the window alone: the same contexts at every evaluation and layout."""
+        c = self.config
+        stream = self.validation
+        stream.cursor = Cursor()
+        windows, positions = [], []
+        while len(windows) < count and stream.cursor.epoch == 0:
+            (window,) = stream.next_windows(1, self.max_context + 1, overlap=c.rlp_min_context)
+            last = min(len(window.tokens) - 1, self.max_context)
+            if self.validation_positions is None:
+                candidates = list(range(c.rlp_min_context, last + 1))
+            else:  # document coordinates -> window coordinates
+                candidates = [p - window.offset for p in self.validation_positions[window.document]]
+                candidates = sorted({t for t in candidates if c.rlp_min_context <= t <= last})
+            if len(candidates) > c.rlp_positions_per_doc:
+                rng = np.random.default_rng([self.seed, 11, window.document, window.offset])
+                candidates = sorted(int(t) for t in rng.choice(candidates, c.rlp_positions_per_doc, replace=False))
+            if candidates:
+                windows.append(window)
+                positions.append(candidates)
+        return windows, positions
+
+    def evaluate(self, model_chunks, num_iterations: int) -> dict[str, float]:
+        """The held-out think-vs-no-think measure of megatron_rlp.rlp.evaluate (tools/eval_info_gain.py)
+        on ``num_iterations`` x --global-batch-size validation windows, with this run's G, thought
+        length, temperature and --seq-length rows: information gain log p(x_t | x_<t, c) −
+        log p(x_t | x_<t) and next-token accuracy with and without a thought, mean and standard
+        error over windows.  Each data-parallel rank evaluates its share; valid on the last stage."""
+        from megatron_rlp.rlp.evaluate import evaluate_thinking
+
+        c = self.config
+        windows, positions = self._validation_contexts(num_iterations * self.state.run.training.global_batch_size)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        mine = range(dp_rank, len(windows), dp_size)
+        sums = torch.zeros(10, dtype=torch.float64)
+        if len(mine):
+            docs = [torch.from_numpy(windows[i].tokens) for i in mine]
+            result = evaluate_thinking(
+                self.models[0], docs, [positions[i] for i in mine], self.thought_source, c.rlp_num_thoughts,
+                c.rlp_thought_len, c.rlp_temperature, self.open_id, self.close_id, self.eod_id,
+                seed=_sample_seed(self.seed + 1, 0, dp_rank), max_sequence_length=self.max_sequence_length,
+                batch_size=self.micro_batch_size * c.rlp_positions_per_doc * c.rlp_num_thoughts,
+                vocab_size=self.vocab_size, min_context=c.rlp_min_context,
+                sampler_micro_batch_size=c.rlp_sampler_micro_batch_size,
+            )
+            if result is not None:  # the last pipeline stage
+                thoughts = sum(len(positions[i]) for i in mine) * c.rlp_num_thoughts
+                per_window = [result.gain, result.acc_think, result.acc_plain]
+                sums = torch.tensor(
+                    [v for x in per_window for v in (x.sum(), (x ** 2).sum())]
+                    + [len(result.gain), result.thought_len * thoughts, result.closed_by_model * thoughts, thoughts],
+                    dtype=torch.float64,
+                )
+        if not parallel_state.is_pipeline_last_stage():
+            return {}
+        from megatron_rlp import platform
+
+        sums = sums.to(platform.device())
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        sums = sums.tolist()
+        n = sums[6]
+        values = {}
+        for j, name in enumerate(("info_gain", "acc_think", "acc_plain")):
+            mean = sums[2 * j] / n
+            var = max(sums[2 * j + 1] / n - mean * mean, 0.0) * n / max(n - 1, 1)
+            values[f"rlp/eval_{name}"] = mean
+            values[f"rlp/eval_{name}_se"] = math.sqrt(var / n)
+        values["rlp/eval_thought_len_mean"] = sums[7] / sums[9]
+        values["rlp/eval_closed_by_model_frac"] = sums[8] / sums[9]
+        values["rlp/eval_windows"] = n
+        return values
+
     # -- checkpoints ----------------------------------------------------------------------------
     # A checkpoint can be written between two updates of one sample batch (--rlp-updates-per-batch
     # > 1: a preemption warning cannot wait for the batch's end).  The batch in progress — its
@@ -614,18 +712,18 @@ def _sample_seed(seed: int, batch_index: int, dp_rank: int) -> int:
     return (seed * 1_000_003 + batch_index * 9_973 + dp_rank * 101) % (2**31 - 1)
 
 
-def _read_positions_file(path: Optional[str]):
+def _read_positions_file(path: Optional[str], flag: str = "--rlp-positions-file"):
     if path is None:
         return None
     try:
         with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"--rlp-positions-file {path!r} does not exist") from None
+        raise FileNotFoundError(f"{flag} {path!r} does not exist") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"--rlp-positions-file {path!r} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise ValueError(f"{flag} {path!r} is not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(data, list) or not all(isinstance(p, list) for p in data):
-        raise ValueError(f"--rlp-positions-file {path!r} must hold a JSON list of position lists, one per document")
+        raise ValueError(f"{flag} {path!r} must hold a JSON list of position lists, one per document")
     return data
 
 

@@ -1,8 +1,10 @@
-"""The per-iteration log line (Megatron-LM's format) and TensorBoard scalars."""
+"""The per-iteration log line (Megatron-LM's format), the validation line, and the scalars that go
+to TensorBoard and (optionally) Weights & Biases."""
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from datetime import datetime
 from typing import Optional
@@ -42,27 +44,71 @@ def format_log_line(
     return " | ".join(parts) + " |"
 
 
-class MetricsWriter:
-    """Prints the log line and writes TensorBoard scalars (on the logging rank only)."""
+def format_validation_line(label: str, values: dict[str, float]) -> str:
+    """Megatron-LM's validation line, e.g. ``validation loss at iteration 100 | lm loss value:
+    ... | lm loss PPL: ... |`` (a key ending in " PPL" is printed as is)."""
+    parts = [f" validation loss at {label}"]
+    for key, value in values.items():
+        parts.append(f"{key}: {value:.6E}" if key.endswith(" PPL") else f"{key} value: {value:.6E}")
+    return " | ".join(parts) + " |"
 
-    def __init__(self, tensorboard_dir: Optional[str], enabled: bool):
+
+def validation_scalars(values: dict[str, float]) -> dict[str, float]:
+    """Megatron-LM's TensorBoard tags for validation values: "<key> validation" ("lm loss PPL"
+    becomes "lm loss validation ppl")."""
+    return {(f"{k[:-4]} validation ppl" if k.endswith(" PPL") else f"{k} validation"): v for k, v in values.items()}
+
+
+def check_wandb_config(logging_config) -> None:
+    """--wandb-*: fail at start, on every rank, when W&B is asked for but cannot be used."""
+    if not logging_config.wandb_project:
+        return
+    if not logging_config.wandb_exp_name:
+        raise ValueError("--wandb-project needs --wandb-exp-name (the run's name), as in Megatron-LM")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "--wandb-project needs the wandb package, which is not installed: pip install "
+            "'megatron-rlp[wandb]' (or pip install wandb), or drop the --wandb-* flags"
+        ) from None
+
+
+class MetricsWriter:
+    """Prints the log line and writes the scalars to TensorBoard and W&B (on the logging rank only).
+
+    Every ``scalars()`` call goes to both with the iteration as the step, so the two hold the
+    same keys, steps and values."""
+
+    def __init__(self, tensorboard_dir: Optional[str], enabled: bool, wandb_project: Optional[str] = None,
+                 wandb_exp_name: Optional[str] = None, wandb_save_dir: Optional[str] = None,
+                 config: Optional[dict] = None):
         self.enabled = enabled
         self.tb = None
+        self.wandb = None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=tensorboard_dir)
+        if enabled and wandb_project:
+            import wandb
+
+            if wandb_save_dir:
+                os.makedirs(wandb_save_dir, exist_ok=True)
+            self.wandb = wandb.init(project=wandb_project, name=wandb_exp_name, dir=wandb_save_dir,
+                                    config=config or {})
 
     def log(self, line: str) -> None:
         if self.enabled:
             print(line, flush=True, file=sys.stdout)
 
     def scalars(self, iteration: int, values: dict[str, float]) -> None:
-        if self.tb is None:
-            return
-        for key, value in values.items():
-            if value is not None and math.isfinite(value):
+        finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
+        if self.tb is not None:
+            for key, value in finite.items():
                 self.tb.add_scalar(key, value, iteration)
+        if self.wandb is not None and finite:
+            self.wandb.log(finite, step=iteration)
 
     def flush(self) -> None:
         if self.tb is not None:
@@ -71,3 +117,6 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

@@ -46,7 +46,9 @@ from megatron_rlp.models.architecture import architecture_args, resolve_architec
 from megatron_rlp.models.presets import ModelPreset
 from megatron_rlp.training import checkpoint as ckpt
 from megatron_rlp.training import parallel
-from megatron_rlp.training.logging import MetricsWriter, format_log_line
+from megatron_rlp.training.logging import (
+    MetricsWriter, format_log_line, format_validation_line, validation_scalars,
+)
 from megatron_rlp.training.timers import Timers
 
 
@@ -61,6 +63,7 @@ class RunConfig:
     training: cfg.TrainingConfig = field(default_factory=cfg.TrainingConfig)
     data: cfg.DataConfig = field(default_factory=cfg.DataConfig)
     logging: cfg.LoggingConfig = field(default_factory=cfg.LoggingConfig)
+    evaluation: cfg.EvaluationConfig = field(default_factory=cfg.EvaluationConfig)
     checkpoint: cfg.CheckpointConfig = field(default_factory=cfg.CheckpointConfig)
     extra: dict = field(default_factory=dict)  # objective-specific configs (e.g. "rlp")
 
@@ -406,8 +409,7 @@ def peak_memory_line(iteration: int) -> str:
         peak, what = rss * (1 if sys.platform == "darwin" else 1024), "CPU run: peak process RSS"
     mine = torch.tensor([float(peak), float(parallel_state.get_pipeline_model_parallel_rank())],
                         device=platform.device())
-    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine)
+    everyone = collectives.all_gather(mine)
     stages: dict[int, list[tuple[float, int]]] = {}
     for rank, t in enumerate(everyone):
         stages.setdefault(int(t[1].item()), []).append((t[0].item(), rank))
@@ -418,8 +420,78 @@ def peak_memory_line(iteration: int) -> str:
     return f"peak memory after iteration {iteration} ({what}; compare with --dry-run): " + "; ".join(parts)
 
 
-def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
-    """Run until --train-iters; returns the per-iteration metrics (identical on every rank)."""
+def _open_writer(run: RunConfig) -> MetricsWriter:
+    """The logging rank's writer; a failure there (e.g. wandb.init) fails every rank, not only
+    the one that hit it (the others would wait for it in the next collective)."""
+    log_cfg, ck = run.logging, run.checkpoint
+    writer, error = None, None
+    try:
+        writer = MetricsWriter(
+            log_cfg.tensorboard_dir, enabled=is_logging_rank(), wandb_project=log_cfg.wandb_project,
+            wandb_exp_name=log_cfg.wandb_exp_name,
+            wandb_save_dir=log_cfg.wandb_save_dir or (os.path.join(ck.save, "wandb") if ck.save else None),
+            config=_flat_config(run),
+        )
+    except Exception as e:  # reported on every rank below
+        error = f"{type(e).__name__}: {e}"
+    error = _broadcast_from_logging_rank({"error": error})["error"]
+    if error is not None:
+        if writer is not None:
+            writer.close()
+        raise TrainingError(f"could not open the TensorBoard / W&B writer on rank {dist.get_world_size() - 1}: {error}")
+    return writer
+
+
+def _flat_config(run: RunConfig) -> dict:
+    """Every flag's value (W&B's run config, like Megatron-LM's vars(args))."""
+    flat = {}
+    for group in (run.parallel, run.model, run.training, run.data, run.logging, run.evaluation, run.checkpoint,
+                  *run.extra.values()):
+        flat.update(dataclasses.asdict(group))
+    return flat
+
+
+class Evaluation:
+    """--eval-interval / --eval-iters: the objective's ``evaluate`` on the validation data, from one
+    place in the loop.  It leaves training as it was: it reads only the validation stream, runs
+    forward-only under the pipeline schedule, and restores every RNG stream afterwards, so the
+    training iterations are bitwise the same with and without it."""
+
+    def __init__(self, state: TrainState, objective, validation, writer: MetricsWriter):
+        self.config = state.run.evaluation
+        self.state, self.objective, self.writer = state, objective, writer
+        self.last_iteration: Optional[int] = None
+        if self.config.eval_interval is None:
+            return
+        if validation is None:
+            raise ValueError("--eval-interval needs validation data: pass --split or --valid-data-path")
+        if not hasattr(objective, "evaluate"):
+            raise ValueError(f"the {objective.name!r} objective has no evaluation; drop --eval-interval")
+        objective.prepare_evaluation(validation)
+
+    def due(self, iteration: int) -> bool:
+        return self.config.eval_interval is not None and iteration % self.config.eval_interval == 0
+
+    def __call__(self, iteration: int, label: Optional[str] = None) -> dict:
+        """Evaluate, print Megatron-LM's validation line, write the scalars; returns them."""
+        self.state.sync_parameters()  # --overlap-param-gather: θ must be gathered
+        rng = ckpt._rng_sharded_object().data
+        try:
+            values = self.objective.evaluate(self.state.model, self.config.eval_iters)
+        finally:
+            ckpt._restore_rng(rng)
+        values = _broadcast_from_logging_rank(values if is_logging_rank() else {})
+        self.writer.log(format_validation_line(label or f"iteration {iteration}", values))
+        scalars = validation_scalars(values)
+        self.writer.scalars(iteration, scalars)
+        self.last_iteration = iteration
+        return scalars
+
+
+def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, dict], None]] = None,
+          validation=None) -> list[dict]:
+    """Run until --train-iters; returns the per-iteration metrics (identical on every rank).
+    ``validation``: the held-out document stream --eval-interval evaluates on."""
     run = state.run
     t, log_cfg, ck = run.training, run.logging, run.checkpoint
     if t.lr is None:
@@ -447,7 +519,12 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
         ckpt.check_writable(ck.save)
         for path in ckpt.remove_incomplete(ck.save):
             print(f"removed {path}: a checkpoint whose writing never finished", flush=True)
-    writer = MetricsWriter(log_cfg.tensorboard_dir, enabled=is_logging_rank())
+    writer = _open_writer(run)
+    try:
+        evaluate = Evaluation(state, objective, validation, writer)
+    except Exception:
+        writer.close()
+        raise
     async_queue = None
     if ck.async_save:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -573,6 +650,11 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
             if stop:
                 writer.log(f"exiting at iteration {state.iteration} on {stop_reason}")
                 break
+            if evaluate.due(state.iteration):
+                record.update(evaluate(state.iteration))
+        else:  # Megatron-LM evaluates once more at the end of training (not after a stop)
+            if evaluate.config.eval_interval and evaluate.last_iteration != state.iteration:
+                history[-1].update(evaluate(state.iteration, f"the end of training (iteration {state.iteration})"))
         state.sync_parameters()  # the caller gets the gathered θ
     finally:
         preempt.restore()
