@@ -94,8 +94,16 @@ def broadcast_object(obj: Any, src: int, group=None) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any, group=None) -> list:
+    """Every rank's picklable ``obj``, in group-rank order (torch places the byte tensors on the
+    current CUDA device for NCCL groups, on the host for gloo)."""
+    gathered: list = [None] * dist.get_world_size(group=group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
 __all__ = [
     "ReduceOp", "all_reduce", "any_rank", "broadcast", "all_gather", "all_gather_into_tensor",
-    "isend", "recv", "barrier", "broadcast_object",
+    "isend", "recv", "barrier", "broadcast_object", "all_gather_object",
 ]
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_rlp import platform
+from megatron_rlp import collectives, platform
 from megatron_rlp.data.documents import Cursor, DataError, Window
 from megatron_rlp.kernels import linear_logprob
 from megatron_rlp.rlp.config import (
@@ -521,7 +521,7 @@ class RLPObjective:
         if parallel_state.get_data_parallel_world_size() > 1:
             values = torch.tensor([[cost.phases[k].model_flops, cost.phases[k].hardware_flops, cost.phases[k].tokens]
                                    for k in per_rank], dtype=torch.float64, device=platform.device())
-            dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+            collectives.all_reduce(values, group=parallel_state.get_data_parallel_group())
             for k, (model_flops, hardware_flops, tokens) in zip(per_rank, values.tolist()):
                 cost.phases[k] = PhaseCost(model_flops, hardware_flops, tokens)
         return cost
@@ -610,7 +610,7 @@ class RLPObjective:
         from megatron_rlp import platform
 
         sums = sums.to(platform.device())
-        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        collectives.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         sums = sums.tolist()
         n = sums[6]
         values = {}

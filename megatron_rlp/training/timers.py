@@ -28,6 +28,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_rlp import collectives
+
 TIMING_LEVELS = (0, 1, 2)
 
 
@@ -89,8 +91,7 @@ class Timers:
         self._seconds, self._timed_iterations = {}, 0
         if reduce_over_ranks and dist.is_initialized() and dist.get_world_size() > 1:
             # Object gather (only on logged iterations): phases need not run on every rank.
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, local)
+            gathered = collectives.all_gather_object(local)
             local = {}
             for part in gathered:
                 for k, v in part.items():
