@@ -90,9 +90,11 @@ class GivenThoughtSource:
 
 def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noise: float = 0.0,
                skip_baseline: bool = False, num_layers: int = 2, first_stage_layers=None,
-               last_stage_layers=None):
+               last_stage_layers=None, layout=None, rlp_overrides=None, with_reference=True):
     """Returns (megatron results, reference results, local shard of the reference tensors).
-    ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers)."""
+    ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers).
+    ``layout``: --rlp-update-layout; ``rlp_overrides``: other RLPConfig fields (the reference does
+    not model the NTP/KL terms: pass ``with_reference=False`` with them)."""
     run = RunConfig()
     run.model.model_preset, run.model.num_layers, run.model.layout_invariant_init = "tiny", num_layers, True
     run.parallel.decoder_first_pipeline_num_layers = first_stage_layers
@@ -106,7 +108,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     t.weight_decay, t.clip_grad, t.lr_decay_style, t.optimizer, t.sgd_momentum = 0.0, 0.0, "constant", "sgd", 0.0
     rlp = RLPConfig(rlp_num_thoughts=G, rlp_thought_len=4, rlp_positions_per_doc=2, rlp_min_context=3,
                     rlp_ema_decay=0.9, rlp_clip_low=0.2, rlp_clip_high=0.28,
-                    rlp_baseline_interval=1000 if skip_baseline else 1)
+                    rlp_baseline_interval=1000 if skip_baseline else 1, rlp_update_layout=layout,
+                    **(rlp_overrides or {}))
     preset = loop.resolve_preset(run.model)
     state = loop.setup(run, preset)
     stream = DocumentStream(open_indexed_dataset(data_prefix), preset.vocab_size, seed=3, shuffle=False)
@@ -136,6 +139,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     history = loop.train(state, objective)
     mega = {
         "loss": history[0]["rlp loss"],
+        "metrics": {k: v for k, v in history[0].items() if k.startswith("rlp")},
+        "layout": objective.update_layout,
         "reward_mean": history[0].get("rlp/reward_mean"),
         "grads": captured["grads"],
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -144,6 +149,9 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
         "last_stage": state.model[0].module.post_process if hasattr(state.model[0].module, "post_process") else model.post_process,
     }
 
+    if not with_reference:
+        parallel.destroy()
+        return mega, None
     # The reference: same weights, same contexts, same thoughts.
     cfg = RefConfig(vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, ffn_hidden_size=preset.ffn_hidden_size,
                     num_layers=preset.num_layers, num_heads=preset.num_attention_heads,
@@ -203,6 +211,26 @@ def _local(full: dict, tp: int, pp: int, preset, tie: bool, split=None) -> dict:
     if tp > 1:
         sd = shard_megatron_state_dict(sd, ps.get_tensor_model_parallel_rank(), tp, preset.num_query_groups)
     return sd
+
+
+def check_layouts_agree(shared, rows, tol=TOL):
+    """The shared-prefix update against the one-row-per-thought update: loss, every rlp/* metric,
+    every gradient."""
+    assert shared["layout"] == "shared" and rows["layout"] == "rows"
+    assert all("layout" in mb for mb in shared["microbatches"])
+    assert not any("layout" in mb for mb in rows["microbatches"])
+    assert set(shared["metrics"]) == set(rows["metrics"])
+    for name, value in rows["metrics"].items():
+        _close(shared["metrics"][name], value, f"metric {name}", tol)
+    if shared["last_stage"]:
+        for key in ("advantages", "rewards", "s_pred"):
+            if key in rows["microbatches"][0]:
+                _close(torch.cat([mb[key] for mb in shared["microbatches"]]),
+                       torch.cat([mb[key] for mb in rows["microbatches"]]), key, tol)
+    assert set(shared["grads"]) == set(rows["grads"])
+    for name, value in rows["grads"].items():
+        _close(shared["grads"][name], value, f"grad {name}", tol)
+    assert any(v.abs().max() > 0 for v in rows["grads"].values())
 
 
 def _close(a, b, what, tol=TOL):

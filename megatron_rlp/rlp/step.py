@@ -40,7 +40,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rlp.data.documents import DataError, Window
 from megatron_rlp.kernels import linear_logprob
 from megatron_rlp.rlp.config import (
-    RLPConfig, longest_context, resolve_markers, validate_rlp_config, validate_rlp_lengths,
+    RLPConfig, longest_context, resolve_markers, resolve_update_layout, validate_rlp_config, validate_rlp_lengths,
 )
 from megatron_rlp.rlp.ema import EMATeacher
 from megatron_rlp.rlp.objective import group_advantages, rlp_loss
@@ -128,14 +128,94 @@ def build_update_sequences(
     }
 
 
+def build_shared_sequences(
+    documents: list[torch.Tensor],
+    doc_index: torch.Tensor,
+    position: torch.Tensor,
+    closed_tokens: torch.Tensor,
+    closed_lengths: torch.Tensor,
+    forced: torch.Tensor,
+    open_id: int,
+    pad_id: int,
+    width: Optional[int] = None,
+) -> dict:
+    """One packed row per context: x_<t once, then its G branches (open, c_i, close), each
+    branch's last input labelled x_t (the layout of :mod:`megatron_rlp.models.shared_prefix`).
+
+    Returns tokens/labels/position_ids [N, S] (``width`` pads to at least that many slots), the
+    attention ``layout``, and per branch (N*G of them, context-major as in the rows layout)
+    ``branch_row`` (its packed row), ``thought_slot``/``thought_mask``/``target_slot`` (slots in
+    that row).  ``context_len`` is per packed row.  Labels of the context are those of the rows
+    layout (slot t−1 predicts the open marker).
+    """
+    from megatron_rlp.models.shared_prefix import SharedPrefixLayout
+
+    n, g, lmax = closed_tokens.shape
+    lengths = closed_lengths.tolist()
+    starts = [int(t) for t in position.tolist()]
+    needed = max(t + sum(1 + m for m in row) for t, row in zip(starts, lengths))
+    width = max(width or 0, needed)
+    tokens = torch.full((n, width), pad_id, dtype=torch.int64)
+    labels = torch.full((n, width), IGNORE, dtype=torch.int64)
+    thought_slot = torch.full((n * g, lmax), -1, dtype=torch.int64)
+    thought_mask = torch.zeros((n * g, lmax), dtype=torch.bool)
+    target_slot = torch.zeros(n * g, dtype=torch.int64)
+    for i in range(n):
+        doc, t = documents[int(doc_index[i])], starts[i]
+        tokens[i, :t] = doc[:t]
+        labels[i, : t - 1] = doc[1:t]
+        labels[i, t - 1] = open_id
+        slot = t  # where branch j's open marker sits
+        for j, m in enumerate(lengths[i]):
+            r = i * g + j
+            thought = closed_tokens[i, j, :m]
+            tokens[i, slot] = open_id
+            tokens[i, slot + 1 : slot + 1 + m] = thought
+            labels[i, slot : slot + m] = thought
+            labels[i, slot + m] = doc[t]  # after the close marker: x_t
+            thought_slot[r, :m] = torch.arange(slot, slot + m)
+            thought_mask[r, :m] = True
+            if bool(forced[i, j]):
+                thought_mask[r, m - 1] = False
+            target_slot[r] = slot + m
+            slot += 1 + m
+    # max_seqlen_*: megatron sizes its rotary table from them (our per-slot table replaces it).
+    layout = SharedPrefixLayout(context_lens=starts, branch_lens=[[1 + m for m in row] for row in lengths],
+                                max_seqlen_q=width, max_seqlen_kv=width)
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "position_ids": layout.positions(width),
+        "layout": layout,
+        "branch_row": torch.arange(n).repeat_interleave(g),
+        "thought_slot": thought_slot,
+        "thought_mask": thought_mask,
+        "target_slot": target_slot,
+        "context_len": torch.tensor(starts, dtype=torch.int64),
+    }
+
+
+def _branch_rows(batch: dict, num_rows: int) -> torch.Tensor:
+    """The row of the model's output each thought's slots index: its packed row in the shared
+    layout, its own row in the rows layout."""
+    rows = batch.get("branch_row")
+    return torch.arange(num_rows) if rows is None else rows
+
+
+def _gather_slots(hidden_bsh: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, H], rows [N], slots [N, K] (-1 = none, gathers slot 0) -> [N, K, H]."""
+    rows, slots = rows.to(hidden_bsh.device), slots.to(hidden_bsh.device)
+    return hidden_bsh[rows[:, None], slots.clamp(min=0)]
+
+
+def _take_slots(labels: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    return labels[rows[:, None], slots.clamp(min=0)]
+
+
 def _gather_rows(hidden_bsh: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """hidden [B, S, H], slots [B, K] (-1 = none, gathers slot 0) -> [B, K, H]."""
     idx = slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden_bsh.shape[-1])
     return torch.gather(hidden_bsh, 1, idx)
-
-
-def _take(labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    return torch.gather(labels, 1, slots.clamp(min=0))
 
 
 def _final_hidden(output_tensor: torch.Tensor, model) -> tuple[torch.Tensor, bool]:
@@ -184,13 +264,14 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
     hidden, reduce_grad = _final_hidden(output_tensor, model)  # [B, S, H]
     weight = output_weight(model)
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    b = hidden.shape[0]
+    branch_row = _branch_rows(batch, hidden.shape[0])  # shared layout: G thoughts per packed row
+    b = branch_row.numel()  # thoughts in this micro-batch
 
     # One kernel call: the thought tokens (with grad) and the x_t slot after the thought.
     slots = torch.cat([batch["thought_slot"], batch["target_slot"][:, None]], dim=1)  # [B, L+2]
     valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool)], dim=1)
-    targets = torch.where(valid, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
-    rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
+    targets = torch.where(valid, _take_slots(batch["labels"], branch_row, slots), torch.full_like(slots, IGNORE))
+    rows = _gather_slots(hidden, branch_row, slots).reshape(-1, hidden.shape[-1])
     logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True,
                                    vocab_size=vocab_size, reduce_hidden_grad=reduce_grad)
     logp = logp.view(b, -1)
@@ -207,12 +288,14 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
 
     ntp_kwargs = {}
     if config.rlp_ntp_weight > 0:
-        ctx_slots = torch.arange(batch["labels"].shape[1]).expand(b, -1)
+        ctx_slots = torch.arange(batch["labels"].shape[1]).expand(hidden.shape[0], -1)
         ctx_mask = ctx_slots < batch["context_len"][:, None]
         ctx_targets = torch.where(ctx_mask, batch["labels"], torch.full_like(batch["labels"], IGNORE))
         ctx_logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight, ctx_targets.reshape(-1), tp_group,
                                   vocab_size=vocab_size, reduce_hidden_grad=reduce_grad)
-        ntp_kwargs = dict(ntp_weight=config.rlp_ntp_weight, ntp_logp=ctx_logp.view(b, -1), ntp_mask=ctx_mask)
+        # Per thought, as the rows layout counts it (a shared context counts once per thought).
+        ctx_logp = ctx_logp.view(hidden.shape[0], -1)[branch_row.to(ctx_logp.device)]
+        ntp_kwargs = dict(ntp_weight=config.rlp_ntp_weight, ntp_logp=ctx_logp, ntp_mask=ctx_mask[branch_row])
     if config.rlp_kl_beta > 0:
         ntp_kwargs.update(kl_weight=config.rlp_kl_beta, logp_ref=batch["logp_ref"])
 
@@ -266,6 +349,7 @@ class RLPObjective:
         validate_rlp_lengths(self.max_sequence_length, state.preset.max_position_embeddings,
                              config.rlp_thought_len, config.rlp_min_context)
         self.max_context = longest_context(self.max_sequence_length, config.rlp_thought_len)
+        self.update_layout = resolve_update_layout(config.rlp_update_layout, state.preset.family)
         self.config = config
         self.state = state
         self.stream = stream
@@ -360,8 +444,7 @@ class RLPObjective:
     def _forward_only(self, batches: list[dict], loss_fn) -> list[dict]:
         def step(data_iterator, model):
             batch = next(data_iterator)
-            out = model(batch["tokens"], batch["position_ids"], None)
-            return out, partial(loss_fn, batch, unwrap_model(model))
+            return _run_model(model, batch), partial(loss_fn, batch, unwrap_model(model))
 
         was_training = [m.training for m in self.state.model]
         for m in self.state.model:
@@ -411,15 +494,25 @@ class RLPObjective:
             micro_batch_size=c.rlp_sampler_micro_batch_size, vocab_size=self.vocab_size,
         )
         closed, closed_len = thoughts.closed_tokens(self.pad_id)
-        # x_<t, open, thought + close, x_t, minus the last token (inputs only).
-        width = int((thoughts.position + closed_len.max(dim=1).values).max()) + 1
-        width = _round_up(width, _sequence_multiple(self.models[0]))
+        shared = self.update_layout == "shared"
+        # Inputs of a row: rows layout x_<t, open, thought + close (x_t is the last label);
+        # shared layout x_<t and every branch (open, thought + close).
+        if shared:
+            row_len = thoughts.position + (closed_len + 1).sum(dim=1)
+        else:
+            row_len = thoughts.position + closed_len.max(dim=1).values + 1
+        multiple = _sequence_multiple(self.models[0])
+        # Each micro-batch is padded to its own widest row, except under pipeline parallelism:
+        # the stages exchange activations of one shape for the whole schedule.
+        one_shape = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        build = build_shared_sequences if shared else build_update_sequences
         per_mb = self.micro_batch_size * c.rlp_positions_per_doc  # contexts per micro-batch
         microbatches = []
         self._last_tokens = 0
         for m in range(num_microbatches):
             ctx = slice(m * per_mb, (m + 1) * per_mb)
-            mb = build_update_sequences(
+            width = _round_up(int((row_len if one_shape else row_len[ctx]).max()), multiple)
+            mb = build(
                 docs, thoughts.doc_index[ctx], thoughts.position[ctx], closed[ctx], closed_len[ctx],
                 thoughts.forced[ctx], self.open_id, self.pad_id, width,
             )
@@ -448,7 +541,7 @@ class RLPObjective:
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None)
+        output = _run_model(model, batch)
         return output, partial(rlp_loss_func, batch, unwrap_model(model), self.config,
                                vocab_size=self.vocab_size)
 
@@ -486,6 +579,21 @@ class RLPObjective:
         pass  # tensors were loaded in place into the teacher's shadows
 
 
+def _run_model(model, batch: dict):
+    """The model's forward on one micro-batch; a shared-prefix batch carries its attention layout
+    (to the core attention of every layer) and its per-slot RoPE positions (installed on this
+    pipeline stage's rotary embedding for the call)."""
+    layout = batch.get("layout")
+    if layout is None:
+        return model(batch["tokens"], batch["position_ids"], None)
+    from megatron_rlp.models.shared_prefix import packed_rope_table
+    from megatron_rlp.sampling.pipeline import rope_positions
+
+    inner = unwrap_model(model)
+    with rope_positions(inner, packed_rope_table(inner, batch["position_ids"])):
+        return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=layout)
+
+
 def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
     hidden, _ = _final_hidden(output_tensor, model)
     rows = _gather_rows(hidden, batch["slots"]).reshape(-1, hidden.shape[-1])
@@ -497,8 +605,9 @@ def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_siz
 def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
     hidden, _ = _final_hidden(output_tensor, model)
     slots = batch["thought_slot"]
-    targets = torch.where(slots >= 0, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
-    rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
+    branch_row = _branch_rows(batch, hidden.shape[0])
+    targets = torch.where(slots >= 0, _take_slots(batch["labels"], branch_row, slots), torch.full_like(slots, IGNORE))
+    rows = _gather_slots(hidden, branch_row, slots).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
     return torch.zeros(()), {"logp": logp.detach().view(slots.shape)}

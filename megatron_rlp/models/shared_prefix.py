@@ -1,0 +1,179 @@
+"""Shared-prefix attention: a context once, its G thought branches after it, in one packed row.
+
+The RLP update scores G thoughts of one context x_<t.  One row per thought recomputes the context G
+times; the shared layout packs it once::
+
+    [ x_0 … x_{t-1} | open c_1 … close | open c_2 … close | … | open c_G … close | pad ]
+      context (t)     branch 1            branch 2                branch G
+
+A context token attends causally to the context; a branch token attends to the whole context and
+causally to its own branch, never to another branch.  Every branch's positions continue from t (the
+open marker sits at position t in every branch), so a branch sees exactly what the row
+(x_<t, open, c_i, close) of the one-row-per-thought layout sees.
+
+Mask-free form (no [S, S] mask is built): each branch's queries attend twice,
+
+* to the context's keys/values, unmasked (computed once per row and shared by all G branches: the
+  [t] keys are broadcast over the G branches, so the context's gradient is the sum over branches),
+* to the branch's own keys/values, causally (a standard causal attention of length 1 + |c_i|),
+
+and the two partial outputs are merged through their log-sum-exps (Hydragen / cascade attention):
+``lse = logaddexp(lse_ctx, lse_own)``, ``out = e^(lse_ctx − lse) out_ctx + e^(lse_own − lse) out_own``
+— exactly softmax attention over the concatenated keys.
+
+Kernels.  This module holds one implementation, in plain torch (fp32 scores and softmax, inputs
+cast back to the activation dtype), used on CPU and on a GPU alike; it is what was checked.  It is
+a megatron-core core-attention module (:func:`shared_prefix_core_attention` subclasses the layer
+spec's own core attention — megatron's ``DotProductAttention`` or Transformer Engine's
+``TEDotProductAttention`` — and only takes over when the forward carries a
+:class:`SharedPrefixLayout`; every other call, sampling and scoring included, goes to the
+original kernel).  Not done: a fused GPU form.  The two attentions map one-to-one onto kernels that
+return their log-sum-exp (flash-attention's ``flash_attn_func(..., return_attn_probs=True)``,
+FlexAttention with ``return_lse``); their backward must be taken with the *merged* output and lse
+(flash-attention's ``_flash_attn_backward(dout, q, k_part, v_part, out, lse)`` per part gives the
+exact gradient of the concatenated attention), which is not wired here and was not run on a GPU.
+The torch path materialises [G, heads, 1+L, t] and [G, heads, 1+L, 1+L] scores per row and layer.
+
+Positions: megatron's RoPE ignores ``position_ids``; :func:`packed_rope_table` builds the per-slot
+angle table [S, B, 1, dim] (one column per packed row: rows have different t) that
+``megatron_rlp.sampling.pipeline.rope_positions`` installs for the forward — on every pipeline
+stage, since every stage's forward step computes its own rotary table.
+
+Checked (CPU, fp32, tests/unit/test_shared_prefix.py, tests/unit/test_rlp_step.py,
+tests/distributed/test_rlp_parallel.py): this attention against a dense block mask; one RLP
+iteration in the shared layout against the one-row-per-thought layout (loss, every ``rlp/*``
+metric, every gradient <= 1e-5) at TP=1, TP=2 and PP=2.  Hybrid (Mamba) models stay on the rows
+layout: a branch's Mamba layers would have to start from the context's state at t (with gradient
+back into it); megatron's MambaMixer takes no initial state in training.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron.core.packed_seq_params import PackedSeqParams
+
+
+@dataclass
+class SharedPrefixLayout(PackedSeqParams):
+    """Where the context and the branches lie in each packed row of a micro-batch (host lists, so
+    the attention's bookkeeping never waits on the device).
+
+    ``context_lens[b]``: t of row b (the context fills slots 0 … t−1).  ``branch_lens[b][j]``: input
+    tokens of branch j (open marker, thought, close marker); branch j follows branch j−1 directly.
+    megatron passes ``packed_seq_params`` untouched to the core attention; with ``qkv_format``
+    'sbhd' nothing else in megatron-core reads it.
+    """
+
+    qkv_format: str = "sbhd"
+    context_lens: list = field(default_factory=list)
+    branch_lens: list = field(default_factory=list)
+
+    def row_length(self, b: int) -> int:
+        return self.context_lens[b] + sum(self.branch_lens[b])
+
+    def positions(self, width: int) -> torch.Tensor:
+        """RoPE position of every slot [B, width]: the context 0 … t−1, each branch t, t+1, …;
+        padding 0."""
+        rows = torch.zeros(len(self.context_lens), width, dtype=torch.int64)
+        for b, (t, lens) in enumerate(zip(self.context_lens, self.branch_lens)):
+            rows[b, :t] = torch.arange(t)
+            start = t
+            for n in lens:
+                rows[b, start : start + n] = torch.arange(t, t + n)
+                start += n
+        return rows
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+    """Softmax attention in fp32 over [..., Lq, h, d] queries and [..., Lk, h, d] keys/values
+    (leading dims broadcast).  Returns the output [..., Lq, h, d] and the log-sum-exp [..., h, Lq]."""
+    scores = torch.einsum("...qhd,...khd->...hqk", q.float(), k.float()) * scale
+    if causal:
+        lq, lk = scores.shape[-2], scores.shape[-1]
+        future = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.einsum("...hqk,...khd->...qhd", probs, v.float()), lse
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Softmax attention over keys A ∪ B from the attentions over A and over B (outputs
+    [..., L, h, d], log-sum-exps [..., h, L])."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse).transpose(-1, -2).unsqueeze(-1)  # [..., L, h, 1]
+    w_b = torch.exp(lse_b - lse).transpose(-1, -2).unsqueeze(-1)
+    return w_a * out_a + w_b * out_b
+
+
+def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            layout: SharedPrefixLayout, scale: float) -> torch.Tensor:
+    """Core attention of packed rows (see module docstring).
+
+    query [S, B, hq, d], key/value [S, B, hk, d] (grouped-query: hq a multiple of hk), as
+    megatron's core attention receives them (RoPE applied).  Returns [S, B, hq*d]; padding slots
+    are zero.
+    """
+    s, nb, hq, d = query.shape
+    if len(layout.context_lens) != nb:
+        raise ValueError(f"shared-prefix layout describes {len(layout.context_lens)} rows, the batch has {nb}")
+    repeat = hq // key.shape[2]
+    rows = []
+    for b in range(nb):
+        t, lens = layout.context_lens[b], layout.branch_lens[b]
+        if t < 1 or layout.row_length(b) > s:
+            raise ValueError(f"packed row {b}: context {t} + branches {lens} do not fit {s} slots (t >= 1 needed)")
+        q, k, v = query[:, b], key[:, b], value[:, b]
+        if repeat > 1:
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        ctx_k, ctx_v = k[:t], v[:t]
+        ctx_out, _ = _attend(q[:t], ctx_k, ctx_v, scale, causal=True)
+        # Branches, padded to the longest: [G, Lb, h, d].  Padding queries sit after a branch's
+        # real tokens, so the causal mask keeps them out of every real query's keys.
+        width = max(lens)
+        starts = t + torch.tensor([0] + lens[:-1]).cumsum(0)
+        idx = (starts[:, None] + torch.arange(width)[None]).clamp(max=s - 1).to(q.device)
+        qb, kb, vb = q[idx], k[idx], v[idx]
+        out_ctx, lse_ctx = _attend(qb, ctx_k.unsqueeze(0), ctx_v.unsqueeze(0), scale, causal=False)
+        out_own, lse_own = _attend(qb, kb, vb, scale, causal=True)
+        branch_out = merge_attention(out_ctx, lse_ctx, out_own, lse_own)
+        pieces = [ctx_out] + [branch_out[j, :n] for j, n in enumerate(lens)]
+        used = layout.row_length(b)
+        if used < s:
+            pieces.append(ctx_out.new_zeros(s - used, hq, d))
+        rows.append(torch.cat(pieces))
+    return torch.stack(rows, dim=1).to(query.dtype).reshape(s, nb, hq * d)
+
+
+@functools.cache
+def shared_prefix_core_attention(base: type) -> type:
+    """The layer spec's core attention ``base`` that also runs packed shared-prefix rows (a
+    subclass: parameters and state-dict keys stay those of ``base``)."""
+
+    class SharedPrefixCoreAttention(base):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None, **kwargs):
+            if isinstance(packed_seq_params, SharedPrefixLayout):
+                scale = self.config.softmax_scale or 1.0 / math.sqrt(query.shape[-1])
+                return shared_prefix_attention(query, key, value, packed_seq_params, scale)
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
+
+    SharedPrefixCoreAttention.__name__ = f"SharedPrefix{base.__name__}"
+    SharedPrefixCoreAttention.__qualname__ = SharedPrefixCoreAttention.__name__
+    return SharedPrefixCoreAttention
+
+
+def packed_rope_table(model, position_ids: torch.Tensor):
+    """megatron's RoPE angle table [S, B, 1, dim] for per-slot positions [B, S] (None for a model
+    without RoPE); install it with ``sampling.pipeline.rope_positions`` around the forward."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None or getattr(model, "position_embedding_type", None) != "rope":
+        return None
+    emb = rope.get_emb(int(position_ids.max()) + 1)  # [L, 1, 1, dim]
+    return emb[:, 0, 0][position_ids.t().to(emb.device)].unsqueeze(2)
