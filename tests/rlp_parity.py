@@ -90,7 +90,8 @@ class GivenThoughtSource:
 
 def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noise: float = 0.0,
                skip_baseline: bool = False, num_layers: int = 2, first_stage_layers=None,
-               last_stage_layers=None, layout=None, rlp_overrides=None, with_reference=True):
+               last_stage_layers=None, layout=None, rlp_overrides=None, with_reference=True,
+               sequence_parallel=False):
     """Returns (megatron results, reference results, local shard of the reference tensors).
     ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers).
     ``layout``: --rlp-update-layout; ``rlp_overrides``: other RLPConfig fields (the reference does
@@ -102,6 +103,7 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     split = {"num_layers_in_first_stage": first_stage_layers, "num_layers_in_last_stage": last_stage_layers}
     run.model.untie_embeddings_and_output_weights = not tie
     run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size = tp, pp
+    run.parallel.sequence_parallel = sequence_parallel
     t = run.training
     t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, 2, 1, LR, 3
     # SGD: Adam's first step is lr * sign(g), which turns 1e-9 gradient noise into lr-sized steps.
