@@ -91,13 +91,15 @@ class GivenThoughtSource:
 def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noise: float = 0.0,
                skip_baseline: bool = False, num_layers: int = 2, first_stage_layers=None,
                last_stage_layers=None, layout=None, rlp_overrides=None, with_reference=True,
-               sequence_parallel=False):
+               sequence_parallel=False, preset_name="tiny"):
     """Returns (megatron results, reference results, local shard of the reference tensors).
     ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers).
     ``layout``: --rlp-update-layout; ``rlp_overrides``: other RLPConfig fields (the reference does
     not model the NTP/KL terms: pass ``with_reference=False`` with them)."""
     run = RunConfig()
-    run.model.model_preset, run.model.num_layers, run.model.layout_invariant_init = "tiny", num_layers, True
+    run.model.model_preset = preset_name
+    if preset_name == "tiny":
+        run.model.num_layers, run.model.layout_invariant_init = num_layers, True
     run.parallel.decoder_first_pipeline_num_layers = first_stage_layers
     run.parallel.decoder_last_pipeline_num_layers = last_stage_layers
     split = {"num_layers_in_first_stage": first_stage_layers, "num_layers_in_last_stage": last_stage_layers}
@@ -129,7 +131,7 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
             shadow.add_(teacher_noise * torch.randn(shadow.shape, generator=gen))
 
     # Full weights on every rank (gathered through a TP=1-equivalent init: layout-invariant).
-    full = _full_state_dict(model, tp, pp, preset, split)
+    full = _full_state_dict(model, tp, pp, preset, split) if with_reference else None
     captured = {}
     orig_step = state.optimizer.step
 

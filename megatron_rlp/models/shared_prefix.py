@@ -177,3 +177,68 @@ def packed_rope_table(model, position_ids: torch.Tensor):
         return None
     emb = rope.get_emb(int(position_ids.max()) + 1)  # [L, 1, 1, dim]
     return emb[:, 0, 0][position_ids.t().to(emb.device)].unsqueeze(2)
+
+
+def shared_prefix_ssm(mixer, zxBCdt: torch.Tensor, layout: SharedPrefixLayout) -> torch.Tensor:
+    """A Mamba-2 mixer's convolution + scan + gated norm over packed shared-prefix rows.
+
+    ``mixer``: megatron's ``MambaMixer`` (its weights and settings; context parallelism off);
+    ``zxBCdt`` [S, B, D]: its input projection.  Returns y [S, B, d_inner] for ``out_proj``.
+
+    The context runs as a sequence of its own and hands each branch what the rows layout would
+    have at t: the last d_conv−1 convolution inputs (prepended to every branch's convolution
+    input, zeros where the context is shorter) and the SSM state after x_<t (every branch's
+    ``initial_states``, broadcast over the G branches, so its gradient is their sum).
+    """
+    from einops import rearrange
+    from megatron.core.ssm import mamba_mixer as mixer_module
+
+    if not mixer.rmsnorm:
+        raise NotImplementedError("shared-prefix Mamba needs the mixer's gated RMSNorm (rmsnorm=True)")
+    if mixer.cp.cp_size != 1:
+        raise NotImplementedError("shared-prefix Mamba does not support context parallelism")
+    scan = mixer_module.mamba_chunk_scan_combined
+    s, nb, _ = zxBCdt.shape
+    d_inner, ngroups, nheads = mixer.cp.d_inner_local_tpcp, mixer.cp.ngroups_local_tpcp, mixer.cp.nheads_local_tpcp
+    xbc_dim = d_inner + 2 * ngroups * mixer.d_state
+    width = mixer.d_conv - 1
+    A = -torch.exp(mixer.cp.get_A_log().float())
+    D = rearrange(mixer.cp.get_D().float(), "(h p) -> h p", p=mixer.headdim) if mixer.D_has_hdim else mixer.cp.get_D()
+    dt_bias = mixer.cp.get_dt_bias().float()
+
+    def conv(xbc):  # [n, L, xbc_dim] with `width` leading inputs of history -> [n, L - width, ...]
+        out = mixer.cp.conv1d(xbc.transpose(1, 2))[..., width : xbc.shape[1]]
+        return mixer.act(out).transpose(1, 2)
+
+    def run_scan(xbc, dt, initial_states=None, final=False):
+        x, B, C = torch.split(xbc, [d_inner, ngroups * mixer.d_state, ngroups * mixer.d_state], dim=-1)
+        return scan(
+            rearrange(x, "b l (h p) -> b l h p", p=mixer.headdim).contiguous(), dt.contiguous(), A,
+            rearrange(B, "b l (g n) -> b l g n", n=mixer.d_state).contiguous(),
+            rearrange(C, "b l (g n) -> b l g n", n=mixer.d_state).contiguous(),
+            mixer.chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
+            initial_states=initial_states, return_final_states=final,
+        )
+
+    z_all, xbc_all, dt_all = torch.split(zxBCdt, [d_inner, xbc_dim, nheads], dim=-1)
+    rows = []
+    for b in range(nb):
+        t, lens = layout.context_lens[b], layout.branch_lens[b]
+        if t < 1 or layout.row_length(b) > s:
+            raise ValueError(f"packed row {b}: context {t} + branches {lens} do not fit {s} slots (t >= 1 needed)")
+        xbc, dt = xbc_all[:, b], dt_all[:, b]  # [S, ...]
+        history = torch.nn.functional.pad(xbc[:t].unsqueeze(0), (0, 0, width, 0))  # zeros before x_0
+        ctx_y, ctx_state = run_scan(conv(history), dt[:t].unsqueeze(0), final=True)
+        longest = max(lens)
+        starts = t + torch.tensor([0] + lens[:-1]).cumsum(0)
+        idx = (starts[:, None] + torch.arange(longest)[None]).clamp(max=s - 1).to(xbc.device)
+        tail = history[:, history.shape[1] - width :].expand(len(lens), -1, -1)
+        branch_xbc = conv(torch.cat([tail, xbc[idx]], dim=1))  # [G, Lb, xbc_dim]
+        branch_y = run_scan(branch_xbc, dt[idx], initial_states=ctx_state.expand(len(lens), -1, -1, -1))
+        pieces = [ctx_y[0]] + [branch_y[j, :n] for j, n in enumerate(lens)]
+        used = layout.row_length(b)
+        if used < s:
+            pieces.append(ctx_y.new_zeros(s - used, *ctx_y.shape[2:]))
+        rows.append(torch.cat(pieces).reshape(s, d_inner))
+    y = torch.stack(rows, dim=1).to(zxBCdt.dtype)  # [S, B, d_inner]
+    return mixer.norm(y, z_all)

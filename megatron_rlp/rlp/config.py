@@ -40,8 +40,7 @@ class RLPConfig:
     rlp_update_layout: Optional[str] = option(
         None, "How the update lays out a context's G thoughts.  shared: the context once, its G branches "
         "after it in one packed row (shared-prefix attention; each context is computed once).  rows: one "
-        "row (x_<t, <think>, c_i, </think>) per thought (the context recomputed G times).  Default: shared "
-        "for GPT models, rows for hybrid (Mamba) models, which do not support shared yet.",
+        "row (x_<t, <think>, c_i, </think>) per thought (the context recomputed G times).  Default: shared.",
         choices=["rows", "shared"],
     )
 
@@ -70,14 +69,9 @@ def validate_rlp_config(c: RLPConfig) -> None:
 def resolve_update_layout(layout: Optional[str], family: str) -> str:
     """--rlp-update-layout for a model family ('gpt' or 'hybrid'): the default, or a clear error."""
     if layout is None:
-        return "shared" if family == "gpt" else "rows"
+        return "shared"
     if layout not in ("rows", "shared"):
         raise ValueError(f"--rlp-update-layout must be rows or shared; got {layout!r}")
-    if layout == "shared" and family != "gpt":
-        raise ValueError(
-            "--rlp-update-layout shared supports GPT models only: a hybrid model's Mamba layers would "
-            "have to start each thought from the context's state; use --rlp-update-layout rows"
-        )
     return layout
 
 
