@@ -21,30 +21,42 @@ and the two partial outputs are merged through their log-sum-exps (Hydragen / ca
 ``lse = logaddexp(lse_ctx, lse_own)``, ``out = e^(lse_ctx − lse) out_ctx + e^(lse_own − lse) out_own``
 — exactly softmax attention over the concatenated keys.
 
-Kernels.  This module holds one implementation, in plain torch (fp32 scores and softmax, inputs
-cast back to the activation dtype), used on CPU and on a GPU alike; it is what was checked.  It is
-a megatron-core core-attention module (:func:`shared_prefix_core_attention` subclasses the layer
-spec's own core attention — megatron's ``DotProductAttention`` or Transformer Engine's
-``TEDotProductAttention`` — and only takes over when the forward carries a
-:class:`SharedPrefixLayout`; every other call, sampling and scoring included, goes to the
-original kernel).  Not done: a fused GPU form.  The two attentions map one-to-one onto kernels that
-return their log-sum-exp (flash-attention's ``flash_attn_func(..., return_attn_probs=True)``,
-FlexAttention with ``return_lse``); their backward must be taken with the *merged* output and lse
-(flash-attention's ``_flash_attn_backward(dout, q, k_part, v_part, out, lse)`` per part gives the
-exact gradient of the concatenated attention), which is not wired here and was not run on a GPU.
-The torch path materialises [G, heads, 1+L, t] and [G, heads, 1+L, 1+L] scores per row and layer.
+Mamba layers (hybrid models, :func:`shared_prefix_ssm`, called by ``HybridMambaMixer``): the
+context runs as a sequence of its own; every branch starts from what the row layout has at t —
+the last d_conv−1 convolution inputs of the context (prepended to the branch's convolution input)
+and the SSM state after x_<t (the scan's ``initial_states``, broadcast over the G branches, so the
+context's state gets the gradient of all of them).  megatron's ``MambaMixer`` takes no initial
+state in training; the mixer's own attributes (in_proj, conv1d, A_log, D, dt_bias, gated norm,
+out_proj) are used unchanged.
+
+Kernels.  Attention: one implementation, in plain torch (fp32 scores and softmax, cast back to
+the activation dtype), on CPU and on a GPU alike.  It is a megatron-core core-attention module
+(:func:`shared_prefix_core_attention` subclasses the layer spec's own core attention —
+megatron's ``DotProductAttention`` or Transformer Engine's ``TEDotProductAttention`` — and takes
+over only when the forward carries a :class:`SharedPrefixLayout`; every other call, sampling and
+scoring included, goes to the original kernel).  Not done: a fused GPU form.  The two attentions
+map one-to-one onto kernels that return their log-sum-exp (flash-attention's ``flash_attn_func(...,
+return_attn_probs=True)``, FlexAttention with ``return_lse``); their backward must then be taken
+with the *merged* output and lse (flash-attention's ``_flash_attn_backward(dout, q, k_part,
+v_part, out, lse)`` per part gives the exact gradient of the concatenated attention) — not wired
+here, not run on a GPU.  The torch path materialises [G, heads, 1+L, t] and [G, heads, 1+L, 1+L]
+scores per row and layer (what megatron's local ``DotProductAttention`` does for a whole row).
+Scan: the mixer module's ``mamba_chunk_scan_combined`` — mamba-ssm's Triton kernel on a GPU
+(its ``initial_states`` is differentiable), :mod:`megatron_rlp.models.mamba_torch` on CPU; the
+convolution is the mixer's ``torch.nn.Conv1d`` (not causal-conv1d's kernel) on both.
 
 Positions: megatron's RoPE ignores ``position_ids``; :func:`packed_rope_table` builds the per-slot
 angle table [S, B, 1, dim] (one column per packed row: rows have different t) that
 ``megatron_rlp.sampling.pipeline.rope_positions`` installs for the forward — on every pipeline
 stage, since every stage's forward step computes its own rotary table.
 
-Checked (CPU, fp32, tests/unit/test_shared_prefix.py, tests/unit/test_rlp_step.py,
-tests/distributed/test_rlp_parallel.py): this attention against a dense block mask; one RLP
-iteration in the shared layout against the one-row-per-thought layout (loss, every ``rlp/*``
-metric, every gradient <= 1e-5) at TP=1, TP=2 and PP=2.  Hybrid (Mamba) models stay on the rows
-layout: a branch's Mamba layers would have to start from the context's state at t (with gradient
-back into it); megatron's MambaMixer takes no initial state in training.
+Checked, on CPU only, in fp32: this attention against a dense block mask, forward and backward
+(tests/unit/test_shared_prefix.py); one RLP iteration in the shared layout against the
+one-row-per-thought layout — loss, every ``rlp/*`` metric, every gradient within 1e-5, NTP term
+on — at TP=1 (GPT with the KL term too, and tiny-hybrid), TP=2 with and without sequence
+parallelism, PP=2 and tiny-hybrid at TP=2 (tests/distributed/test_rlp_parallel.py); the existing
+reference-parity tests now run the shared layout by default.  Nothing here ran in bf16 or on a
+GPU.
 """
 
 from __future__ import annotations

@@ -7,8 +7,12 @@ Before the pipeline schedule (:meth:`RLPObjective.microbatches`):
   2. the no-think baseline S_ema = log p̄_φ(x_t | x_<t): one EMA-teacher forward per window,
      teacher-forced, every --rlp-baseline-interval batches (monitoring only, see below);
   3. G thoughts per position from the current policy (θ_old = θ) with the KV-cache sampler;
-  4. update sequences (x_<t, <think>, c_i, </think>, x_t); all G branches of a context sit in
-     the same micro-batch.
+  4. update sequences: by default (--rlp-update-layout shared) one packed row per context, x_<t once
+     and its G branches (<think>, c_i, </think>) after it, attended as G paths (x_<t, <think>, c_i,
+     </think>) that share the context's keys/values and Mamba state (megatron_rlp.models.shared_prefix);
+     with --rlp-update-layout rows one row (x_<t, <think>, c_i, </think>, x_t) per thought.  Either
+     way all G branches of a context sit in the same micro-batch, and each micro-batch is padded to
+     its own widest row (to the step's under pipeline parallelism: one activation shape).
 Inside the schedule (:meth:`forward_step` / :func:`rlp_loss_func`, last pipeline stage):
   5. one forward gives, through the fused linear log-prob kernel, S_pred = log p_θ(x_t | …, c_i)
      (detached) and the log-probs of the sampled thought tokens (with grad);

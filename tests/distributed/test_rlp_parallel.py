@@ -32,6 +32,7 @@ def test_one_iteration_matches_reference(corpus, tp, pp):
 @pytest.mark.world_size(2)
 @pytest.mark.parametrize("preset,tp,pp,sequence_parallel", [
     ("tiny", 2, 1, False), ("tiny", 2, 1, True), ("tiny", 1, 2, False), ("tiny-hybrid", 2, 1, False),
+    ("tiny-hybrid", 1, 2, False),
 ])
 def test_shared_update_equals_rows_update(corpus, preset, tp, pp, sequence_parallel):
     """The shared-prefix layout against one row per thought: loss, every rlp/* metric and every
