@@ -84,6 +84,7 @@ class SharedPrefixLayout(PackedSeqParams):
     qkv_format: str = "sbhd"
     context_lens: list = field(default_factory=list)
     branch_lens: list = field(default_factory=list)
+    _index: dict = field(default_factory=dict, repr=False, compare=False)  # per (width, device)
 
     def row_length(self, b: int) -> int:
         return self.context_lens[b] + sum(self.branch_lens[b])
@@ -101,14 +102,18 @@ class SharedPrefixLayout(PackedSeqParams):
         return rows
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+            key_mask: torch.Tensor | None = None):
     """Softmax attention in fp32 over [..., Lq, h, d] queries and [..., Lk, h, d] keys/values
-    (leading dims broadcast).  Returns the output [..., Lq, h, d] and the log-sum-exp [..., h, Lq]."""
+    (leading dims broadcast); ``key_mask`` [..., Lk] marks the keys that exist.  Returns the output
+    [..., Lq, h, d] and the log-sum-exp [..., h, Lq]."""
     scores = torch.einsum("...qhd,...khd->...hqk", q.float(), k.float()) * scale
     if causal:
         lq, lk = scores.shape[-2], scores.shape[-1]
         future = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[..., None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
     return torch.einsum("...hqk,...khd->...qhd", probs, v.float()), lse
@@ -123,9 +128,53 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     return w_a * out_a + w_b * out_b
 
 
+@dataclass
+class _PackedIndex:
+    """Index tensors of a layout in a [B, S] micro-batch (built once, shared by every layer)."""
+
+    context_width: int  # T: the longest context
+    context_mask: torch.Tensor  # [B, T] slot < t_b
+    row: torch.Tensor  # [B, 1, 1] batch index for gathers
+    branch_slots: torch.Tensor  # [B, G, Lb] slot of branch token u (clamped inside the row)
+    source: torch.Tensor  # [B, S] for every slot, its entry in cat(context out, branch out, zero)
+
+
+def _packed_index(layout: SharedPrefixLayout, s: int, device) -> _PackedIndex:
+    key = (s, str(device))
+    if key in layout._index:
+        return layout._index[key]
+    nb, g = len(layout.context_lens), len(layout.branch_lens[0])
+    for b in range(nb):
+        if layout.context_lens[b] < 1 or layout.row_length(b) > s or len(layout.branch_lens[b]) != g:
+            raise ValueError(f"packed row {b}: context {layout.context_lens[b]} + branches "
+                             f"{layout.branch_lens[b]} do not fit {s} slots (t >= 1 and {g} branches needed)")
+    width = max(layout.context_lens)
+    longest = max(max(lens) for lens in layout.branch_lens)
+    ctx = torch.tensor(layout.context_lens)
+    branch_slots = torch.zeros(nb, g, longest, dtype=torch.int64)
+    zero_entry = nb * width + nb * g * longest
+    source = torch.full((nb, s), zero_entry, dtype=torch.int64)
+    for b, (t, lens) in enumerate(zip(layout.context_lens, layout.branch_lens)):
+        source[b, :t] = b * width + torch.arange(t)
+        slot = t
+        for j, n in enumerate(lens):
+            branch_slots[b, j] = (slot + torch.arange(longest)).clamp(max=s - 1)
+            source[b, slot : slot + n] = nb * width + (b * g + j) * longest + torch.arange(n)
+            slot += n
+    index = _PackedIndex(
+        context_width=width,
+        context_mask=(torch.arange(width)[None] < ctx[:, None]).to(device),
+        row=torch.arange(nb).view(nb, 1, 1).to(device),
+        branch_slots=branch_slots.to(device),
+        source=source.to(device),
+    )
+    layout._index[key] = index
+    return index
+
+
 def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             layout: SharedPrefixLayout, scale: float) -> torch.Tensor:
-    """Core attention of packed rows (see module docstring).
+    """Core attention of packed rows (see module docstring), all rows of the micro-batch at once.
 
     query [S, B, hq, d], key/value [S, B, hk, d] (grouped-query: hq a multiple of hk), as
     megatron's core attention receives them (RoPE applied).  Returns [S, B, hq*d]; padding slots
@@ -134,32 +183,24 @@ def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     s, nb, hq, d = query.shape
     if len(layout.context_lens) != nb:
         raise ValueError(f"shared-prefix layout describes {len(layout.context_lens)} rows, the batch has {nb}")
+    index = _packed_index(layout, s, query.device)
     repeat = hq // key.shape[2]
-    rows = []
-    for b in range(nb):
-        t, lens = layout.context_lens[b], layout.branch_lens[b]
-        if t < 1 or layout.row_length(b) > s:
-            raise ValueError(f"packed row {b}: context {t} + branches {lens} do not fit {s} slots (t >= 1 needed)")
-        q, k, v = query[:, b], key[:, b], value[:, b]
-        if repeat > 1:
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        ctx_k, ctx_v = k[:t], v[:t]
-        ctx_out, _ = _attend(q[:t], ctx_k, ctx_v, scale, causal=True)
-        # Branches, padded to the longest: [G, Lb, h, d].  Padding queries sit after a branch's
-        # real tokens, so the causal mask keeps them out of every real query's keys.
-        width = max(lens)
-        starts = t + torch.tensor([0] + lens[:-1]).cumsum(0)
-        idx = (starts[:, None] + torch.arange(width)[None]).clamp(max=s - 1).to(q.device)
-        qb, kb, vb = q[idx], k[idx], v[idx]
-        out_ctx, lse_ctx = _attend(qb, ctx_k.unsqueeze(0), ctx_v.unsqueeze(0), scale, causal=False)
-        out_own, lse_own = _attend(qb, kb, vb, scale, causal=True)
-        branch_out = merge_attention(out_ctx, lse_ctx, out_own, lse_own)
-        pieces = [ctx_out] + [branch_out[j, :n] for j, n in enumerate(lens)]
-        used = layout.row_length(b)
-        if used < s:
-            pieces.append(ctx_out.new_zeros(s - used, hq, d))
-        rows.append(torch.cat(pieces))
-    return torch.stack(rows, dim=1).to(query.dtype).reshape(s, nb, hq * d)
+    q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)  # [B, S, h, d]
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+    width = index.context_width
+    ctx_k, ctx_v = k[:, :width], v[:, :width]  # [B, T, h, d]; keys past t_b are masked
+    ctx_out, _ = _attend(q[:, :width], ctx_k, ctx_v, scale, causal=True, key_mask=index.context_mask)
+    # Branches [B, G, Lb, h, d], padded to the longest: padding queries sit after a branch's real
+    # tokens, so the causal mask keeps them out of every real query's keys.
+    qb, kb, vb = (x[index.row, index.branch_slots] for x in (q, k, v))
+    out_ctx, lse_ctx = _attend(qb, ctx_k.unsqueeze(1), ctx_v.unsqueeze(1), scale, causal=False,
+                               key_mask=index.context_mask[:, None])  # context K/V shared by the G branches
+    out_own, lse_own = _attend(qb, kb, vb, scale, causal=True)
+    branch_out = merge_attention(out_ctx, lse_ctx, out_own, lse_own)
+    entries = torch.cat([ctx_out.reshape(-1, hq, d), branch_out.reshape(-1, hq, d), ctx_out.new_zeros(1, hq, d)])
+    out = entries[index.source]  # [B, S, h, d]
+    return out.transpose(0, 1).to(query.dtype).reshape(s, nb, hq * d)
 
 
 @functools.cache
@@ -191,16 +232,40 @@ def packed_rope_table(model, position_ids: torch.Tensor):
     return emb[:, 0, 0][position_ids.t().to(emb.device)].unsqueeze(2)
 
 
+def _ssm_index(layout: SharedPrefixLayout, s: int, device) -> dict:
+    """Index tensors for :func:`shared_prefix_ssm`: contexts right-aligned in [B, T] (left padding
+    keeps a zero state: no input before x_0), branches as in :func:`_packed_index`."""
+    key = ("ssm", s, str(device))
+    if key not in layout._index:
+        base = _packed_index(layout, s, device)
+        nb, width = len(layout.context_lens), base.context_width
+        ctx = torch.tensor(layout.context_lens)
+        pad = width - ctx  # [B]
+        slots = torch.arange(width)[None] - pad[:, None]  # slot of context column c (negative: padding)
+        source = base.source.clone().cpu()
+        for b, t in enumerate(layout.context_lens):
+            source[b, :t] = b * width + int(pad[b]) + torch.arange(t)
+        layout._index[key] = {
+            "context_slots": slots.clamp(min=0).to(device),
+            "context_valid": (slots >= 0).to(device),
+            "source": source.to(device),
+            "base": base,
+        }
+    return layout._index[key]
+
+
 def shared_prefix_ssm(mixer, zxBCdt: torch.Tensor, layout: SharedPrefixLayout) -> torch.Tensor:
-    """A Mamba-2 mixer's convolution + scan + gated norm over packed shared-prefix rows.
+    """A Mamba-2 mixer's convolution + scan + gated norm over packed shared-prefix rows, all rows
+    of the micro-batch at once.
 
     ``mixer``: megatron's ``MambaMixer`` (its weights and settings; context parallelism off);
     ``zxBCdt`` [S, B, D]: its input projection.  Returns y [S, B, d_inner] for ``out_proj``.
 
-    The context runs as a sequence of its own and hands each branch what the rows layout would
-    have at t: the last d_conv−1 convolution inputs (prepended to every branch's convolution
-    input, zeros where the context is shorter) and the SSM state after x_<t (every branch's
-    ``initial_states``, broadcast over the G branches, so its gradient is their sum).
+    The contexts run as sequences of their own (right-aligned, zero inputs before x_0, so the
+    state stays zero there) and hand each branch what the rows layout has at t: the last d_conv−1
+    convolution inputs (prepended to every branch's convolution input; zeros where the context is
+    shorter) and the SSM state after x_<t (every branch's ``initial_states``, broadcast over the
+    G branches, so its gradient is their sum).
     """
     from einops import rearrange
     from megatron.core.ssm import mamba_mixer as mixer_module
@@ -211,6 +276,8 @@ def shared_prefix_ssm(mixer, zxBCdt: torch.Tensor, layout: SharedPrefixLayout) -
         raise NotImplementedError("shared-prefix Mamba does not support context parallelism")
     scan = mixer_module.mamba_chunk_scan_combined
     s, nb, _ = zxBCdt.shape
+    index = _ssm_index(layout, s, zxBCdt.device)
+    base = index["base"]
     d_inner, ngroups, nheads = mixer.cp.d_inner_local_tpcp, mixer.cp.ngroups_local_tpcp, mixer.cp.nheads_local_tpcp
     xbc_dim = d_inner + 2 * ngroups * mixer.d_state
     width = mixer.d_conv - 1
@@ -232,25 +299,18 @@ def shared_prefix_ssm(mixer, zxBCdt: torch.Tensor, layout: SharedPrefixLayout) -
             initial_states=initial_states, return_final_states=final,
         )
 
-    z_all, xbc_all, dt_all = torch.split(zxBCdt, [d_inner, xbc_dim, nheads], dim=-1)
-    rows = []
-    for b in range(nb):
-        t, lens = layout.context_lens[b], layout.branch_lens[b]
-        if t < 1 or layout.row_length(b) > s:
-            raise ValueError(f"packed row {b}: context {t} + branches {lens} do not fit {s} slots (t >= 1 needed)")
-        xbc, dt = xbc_all[:, b], dt_all[:, b]  # [S, ...]
-        history = torch.nn.functional.pad(xbc[:t].unsqueeze(0), (0, 0, width, 0))  # zeros before x_0
-        ctx_y, ctx_state = run_scan(conv(history), dt[:t].unsqueeze(0), final=True)
-        longest = max(lens)
-        starts = t + torch.tensor([0] + lens[:-1]).cumsum(0)
-        idx = (starts[:, None] + torch.arange(longest)[None]).clamp(max=s - 1).to(xbc.device)
-        tail = history[:, history.shape[1] - width :].expand(len(lens), -1, -1)
-        branch_xbc = conv(torch.cat([tail, xbc[idx]], dim=1))  # [G, Lb, xbc_dim]
-        branch_y = run_scan(branch_xbc, dt[idx], initial_states=ctx_state.expand(len(lens), -1, -1, -1))
-        pieces = [ctx_y[0]] + [branch_y[j, :n] for j, n in enumerate(lens)]
-        used = layout.row_length(b)
-        if used < s:
-            pieces.append(ctx_y.new_zeros(s - used, *ctx_y.shape[2:]))
-        rows.append(torch.cat(pieces).reshape(s, d_inner))
-    y = torch.stack(rows, dim=1).to(zxBCdt.dtype)  # [S, B, d_inner]
-    return mixer.norm(y, z_all)
+    z, xbc, dt = torch.split(zxBCdt.transpose(0, 1), [d_inner, xbc_dim, nheads], dim=-1)  # [B, S, ...]
+    row2 = base.row[:, :, 0]  # [B, 1]
+    valid = index["context_valid"].unsqueeze(-1)
+    ctx_in = xbc[row2, index["context_slots"]] * valid  # [B, T, xbc_dim], zeros before x_0
+    history = torch.nn.functional.pad(ctx_in, (0, 0, width, 0))
+    ctx_y, ctx_state = run_scan(conv(history) * valid, dt[row2, index["context_slots"]], final=True)
+    g, longest = base.branch_slots.shape[1:]
+    tail = history[:, history.shape[1] - width :].unsqueeze(1).expand(nb, g, width, xbc_dim)
+    branch_in = torch.cat([tail, xbc[base.row, base.branch_slots]], dim=2).reshape(nb * g, width + longest, xbc_dim)
+    initial = ctx_state.unsqueeze(1).expand(nb, g, *ctx_state.shape[1:]).reshape(nb * g, *ctx_state.shape[1:])
+    branch_y = run_scan(conv(branch_in), dt[base.row, base.branch_slots].reshape(nb * g, longest, nheads),
+                        initial_states=initial)
+    entries = torch.cat([ctx_y.reshape(-1, d_inner), branch_y.reshape(-1, d_inner), ctx_y.new_zeros(1, d_inner)])
+    y = entries[index["source"]].transpose(0, 1).to(zxBCdt.dtype)  # [S, B, d_inner]
+    return mixer.norm(y, z.transpose(0, 1))
