@@ -203,11 +203,24 @@ def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return out.transpose(0, 1).to(query.dtype).reshape(s, nb, hq * d)
 
 
-@functools.cache
-def shared_prefix_core_attention(base: type) -> type:
+def shared_prefix_core_attention(base):
     """The layer spec's core attention ``base`` that also runs packed shared-prefix rows (a
-    subclass: parameters and state-dict keys stay those of ``base``)."""
+    subclass: parameters and state-dict keys stay those of ``base``).  A ``base`` that is not a
+    class is returned as it is: megatron puts a placeholder for Transformer Engine's attention in
+    its TE specs when TE does not import (such a spec cannot be built anyway)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
+    if isinstance(base, ModuleSpec):
+        import dataclasses
+
+        return dataclasses.replace(base, module=shared_prefix_core_attention(base.module))
+    if not isinstance(base, type):
+        return base
+    return _shared_prefix_subclass(base)
+
+
+@functools.cache
+def _shared_prefix_subclass(base: type) -> type:
     class SharedPrefixCoreAttention(base):
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None, **kwargs):
