@@ -53,6 +53,7 @@ class Recorder:
         self.sampler_calls = []  # (documents, positions, max_sequence_length, max_thought_len)
         self.teacher_widths = []
         self.update_widths = []
+        self.path_lengths = []
         self.windows = []  # every window the stream gave, in order
 
     def __call__(self, model, documents, positions, num_thoughts, max_thought_len, *args, max_sequence_length, **kw):
@@ -72,6 +73,13 @@ class Recorder:
         def recorded_microbatches(*args):
             out = microbatches(*args)
             self.update_widths += [mb["tokens"].shape[1] for mb in out]
+            # One path: a row (rows layout), or a context and one of its branches (shared layout,
+            # whose packed rows may be longer than --seq-length).
+            self.path_lengths += [
+                mb["tokens"].shape[1] if "layout" not in mb else
+                max(t + max(lens) for t, lens in zip(mb["layout"].context_lens, mb["layout"].branch_lens))
+                for mb in out
+            ]
             return out
 
         def recorded_next_windows(*args, **kw):
@@ -131,7 +139,7 @@ def check_within_budget(recorder: Recorder, prefix: str) -> None:
     slices of the documents at their offsets."""
     docs = corpus_documents(prefix)
     assert recorder.sampler_calls and recorder.update_widths and recorder.teacher_widths
-    assert max(recorder.update_widths) <= SEQ_LENGTH, f"update rows of {max(recorder.update_widths)} inputs"
+    assert max(recorder.path_lengths) <= SEQ_LENGTH, f"update paths of {max(recorder.path_lengths)} inputs"
     # The teacher scores a window, never a whole document.
     assert max(recorder.teacher_widths) <= MAX_CONTEXT, f"teacher rows of {max(recorder.teacher_widths)} inputs"
     for documents, positions, max_sequence_length, max_thought_len in recorder.sampler_calls:

@@ -93,7 +93,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
                skip_baseline: bool = False, num_layers: int = 2, first_stage_layers=None,
                last_stage_layers=None, temperature: float = 0.7, untempered_ratio: bool = False,
                logit_scale: float = LOGIT_SCALE, kl_beta: float = 0.0, reference: bool = True,
-               iters: int = 1, updates_per_batch: int = 1):
+               iters: int = 1, updates_per_batch: int = 1, layout=None, rlp_overrides=None,
+               with_reference=True, sequence_parallel=False, preset_name="tiny"):
     """Returns (megatron results, reference results, local shard of the reference tensors).
     ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers).
     ``temperature``: --rlp-temperature (the reference scores the thought tokens at it, or at 1 with
@@ -101,15 +102,21 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     large enough (|z| of several nats) that softmax(z / T) and softmax(z) differ clearly.
     ``kl_beta``: --rlp-kl-beta; the frozen reference is θ itself at this first iteration, so the KL
     and its gradient are 0 and the parity holds; ``logp_ref`` of each micro-batch is returned.
-    ``reference=False``: the megatron run only (e.g. at DP > 1, which the reference does not split);
-    ``iters`` > 1 and ``updates_per_batch`` only then (the reference runs one iteration)."""
+    ``reference=False`` / ``with_reference=False``: the megatron run only (e.g. at DP > 1, which the
+    reference does not split, or with the NTP/KL terms it does not model); ``iters`` > 1 and
+    ``updates_per_batch`` only then (the reference runs one iteration).  ``layout``:
+    --rlp-update-layout; ``rlp_overrides``: other RLPConfig fields."""
+    reference = reference and with_reference
     run = RunConfig()
-    run.model.model_preset, run.model.num_layers, run.model.layout_invariant_init = "tiny", num_layers, True
+    run.model.model_preset = preset_name
+    if preset_name == "tiny":
+        run.model.num_layers, run.model.layout_invariant_init = num_layers, True
     run.parallel.decoder_first_pipeline_num_layers = first_stage_layers
     run.parallel.decoder_last_pipeline_num_layers = last_stage_layers
     split = {"num_layers_in_first_stage": first_stage_layers, "num_layers_in_last_stage": last_stage_layers}
     run.model.untie_embeddings_and_output_weights = not tie
     run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size = tp, pp
+    run.parallel.sequence_parallel = sequence_parallel
     t = run.training
     t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, 2, iters, LR, 3
     # SGD: Adam's first step is lr * sign(g), which turns 1e-9 gradient noise into lr-sized steps.
@@ -118,7 +125,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
                     rlp_ema_decay=0.9, rlp_clip_low=0.2, rlp_clip_high=0.28,
                     rlp_baseline_interval=1000 if skip_baseline else 1, rlp_temperature=temperature,
                     rlp_untempered_ratio=untempered_ratio, rlp_kl_beta=kl_beta,
-                    rlp_updates_per_batch=updates_per_batch)
+                    rlp_updates_per_batch=updates_per_batch, rlp_update_layout=layout,
+                    **(rlp_overrides or {}))
     preset = loop.resolve_preset(run.model)
     state = loop.setup(run, preset)
     stream = DocumentStream(open_indexed_dataset(data_prefix), preset.vocab_size, seed=3, shuffle=False)
@@ -127,8 +135,9 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     objective = RLPObjective(rlp, state, MarkerTokenizer(), stream, thought_source=source)
     model = unwrap_model(state.model[0])
     if model.post_process and logit_scale != 1.0:
+        final_norm = getattr(model.decoder, "final_layernorm", None) or getattr(model.decoder, "final_norm", None)
         with torch.no_grad():
-            model.decoder.final_layernorm.weight.mul_(logit_scale)
+            final_norm.weight.mul_(logit_scale)
     if skip_baseline:
         objective.sample_batches = 1  # 1 % 1000 != 0: no teacher forward in this batch
     if teacher_noise:
@@ -139,7 +148,7 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
             shadow.add_(teacher_noise * torch.randn(shadow.shape, generator=gen))
 
     # Full weights on every rank (gathered through a TP=1-equivalent init: layout-invariant).
-    full = _full_state_dict(model, tp, pp, preset, split)
+    full = _full_state_dict(model, tp, pp, preset, split) if reference else None
     captured = {}
     orig_step = state.optimizer.step
 
@@ -151,6 +160,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     history = loop.train(state, objective)
     mega = {
         "loss": history[0]["rlp loss"],
+        "metrics": {k: v for k, v in history[0].items() if k.startswith("rlp")},
+        "layout": objective.update_layout,
         "reward_mean": history[0].get("rlp/reward_mean"),
         "grads": captured["grads"],
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -227,6 +238,26 @@ def _local(full: dict, tp: int, pp: int, preset, tie: bool, split=None) -> dict:
     if tp > 1:
         sd = shard_megatron_state_dict(sd, ps.get_tensor_model_parallel_rank(), tp, preset.num_query_groups)
     return sd
+
+
+def check_layouts_agree(shared, rows, tol=TOL):
+    """The shared-prefix update against the one-row-per-thought update: loss, every rlp/* metric,
+    every gradient."""
+    assert shared["layout"] == "shared" and rows["layout"] == "rows"
+    assert all("layout" in mb for mb in shared["microbatches"])
+    assert not any("layout" in mb for mb in rows["microbatches"])
+    assert set(shared["metrics"]) == set(rows["metrics"])
+    for name, value in rows["metrics"].items():
+        _close(shared["metrics"][name], value, f"metric {name}", tol)
+    if shared["last_stage"]:
+        for key in ("advantages", "rewards", "s_pred"):
+            if key in rows["microbatches"][0]:
+                _close(torch.cat([mb[key] for mb in shared["microbatches"]]),
+                       torch.cat([mb[key] for mb in rows["microbatches"]]), key, tol)
+    assert set(shared["grads"]) == set(rows["grads"])
+    for name, value in rows["grads"].items():
+        _close(shared["grads"][name], value, f"grad {name}", tol)
+    assert any(v.abs().max() > 0 for v in rows["grads"].values())
 
 
 def _close(a, b, what, tol=TOL):

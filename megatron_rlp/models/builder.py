@@ -3,7 +3,9 @@
 GPT family: a megatron-core ``GPTModel`` in the Qwen3 shape (RMSNorm, SwiGLU, GQA, per-head
 QK RMSNorm, RoPE, no biases, tied or untied embeddings).  The Transformer Engine layer spec is
 used when TE imports, megatron-core's local spec otherwise (with
-:class:`~megatron_rlp.models.norm.ConfigRMSNorm` for its norms, so that it runs sequence-parallel).
+:class:`~megatron_rlp.models.norm.ConfigRMSNorm` for its norms, so that it runs sequence-parallel);
+either way its core attention also runs the RLP update's shared-prefix rows
+(:mod:`megatron_rlp.models.shared_prefix`).
 
 Sequence parallelism and activation recompute follow Megatron-LM's flags (``--sequence-parallel``,
 ``--recompute-granularity/-method/-num-layers``); :func:`transformer_config` validates them.
@@ -256,18 +258,30 @@ def gpt_layer_spec(preset: ModelPreset):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_engine_available():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=preset.qk_layernorm
         )
+        _with_shared_prefix_attention(spec)
+        return spec
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=preset.qk_layernorm, normalization="RMSNorm"
     )
+    _with_shared_prefix_attention(spec)
     spec.submodules.input_layernorm = ConfigRMSNorm
     spec.submodules.pre_mlp_layernorm = ConfigRMSNorm
     if preset.qk_layernorm:
         spec.submodules.self_attention.submodules.q_layernorm = ConfigRMSNorm
         spec.submodules.self_attention.submodules.k_layernorm = ConfigRMSNorm
     return spec
+
+
+def _with_shared_prefix_attention(spec) -> None:
+    """The spec's core attention, able to run the RLP update's packed shared-prefix rows as well
+    (megatron_rlp.models.shared_prefix); every other forward is unchanged."""
+    from megatron_rlp.models.shared_prefix import shared_prefix_core_attention
+
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = shared_prefix_core_attention(attention.core_attention)
 
 
 def gpt_block_spec(preset: ModelPreset, config: TransformerConfig):

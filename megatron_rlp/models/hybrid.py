@@ -76,6 +76,7 @@ from megatron.core.utils import WrappedTensor, make_viewless_tensor
 
 from megatron_rlp.models import mamba_torch
 from megatron_rlp.models.norm import ConfigRMSNorm
+from megatron_rlp.models.shared_prefix import shared_prefix_core_attention
 from megatron_rlp.models.presets import ModelPreset
 
 __all__ = [
@@ -123,6 +124,15 @@ class HybridMambaMixer(MambaMixer):
     context already holds for this layer, so states of the right batch size are always reused (and
     zeroed only at ``sequence_len_offset == 0``, as before).
     """
+
+    def forward(self, hidden_states, inference_context=None, *, inference_params=None, packed_seq_params=None):
+        from megatron_rlp.models.shared_prefix import SharedPrefixLayout, shared_prefix_ssm
+
+        if isinstance(packed_seq_params, SharedPrefixLayout):  # the RLP update's packed rows
+            zxBCdt, _ = self.in_proj(hidden_states)
+            return self.out_proj(shared_prefix_ssm(self, zxBCdt, packed_seq_params))
+        return super().forward(hidden_states, inference_context, inference_params=inference_params,
+                               packed_seq_params=packed_seq_params)
 
     def _get_states_from_cache(self, inference_context, batch_size, *, inference_params=None):
         context = inference_context if inference_context is not None else inference_params
@@ -331,10 +341,16 @@ def hybrid_stack_spec(preset: ModelPreset, use_te: Optional[bool] = None) -> Mod
         layer = stack.mamba_layer
         mixer = replace(layer.submodules.mixer, module=HybridMambaMixer)
         layer = replace(layer, submodules=replace(layer.submodules, mixer=mixer))
+        attention = stack.attention_layer
+        self_attention = attention.submodules.self_attention
+        self_attention = replace(self_attention, submodules=replace(
+            self_attention.submodules,
+            core_attention=shared_prefix_core_attention(self_attention.submodules.core_attention)))
+        attention = replace(attention, submodules=replace(attention.submodules, self_attention=self_attention))
         return replace(
             mamba_stack_spec,
             module=HybridMambaStack,
-            submodules=replace(stack, mamba_layer=layer),
+            submodules=replace(stack, mamba_layer=layer, attention_layer=attention),
             params=dict(mamba_stack_spec.params or {}, final_norm=TENorm),
         )
 
@@ -362,7 +378,7 @@ def hybrid_stack_spec(preset: ModelPreset, use_te: Optional[bool] = None) -> Mod
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=shared_prefix_core_attention(DotProductAttention),
                     linear_proj=RowParallelLinear,
                     q_layernorm=norm if preset.qk_layernorm else IdentityOp,
                     k_layernorm=norm if preset.qk_layernorm else IdentityOp,

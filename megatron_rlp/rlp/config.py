@@ -50,6 +50,12 @@ class RLPConfig:
     rlp_think_open: str = option("<think>", "Token that opens a thought.")
     rlp_think_close: str = option("</think>", "Token that closes a thought.")
     rlp_sampler_micro_batch_size: Optional[int] = option(None, "Rows per decode micro-batch in the thought sampler.")
+    rlp_update_layout: Optional[str] = option(
+        None, "How the update lays out a context's G thoughts.  shared: the context once, its G branches "
+        "after it in one packed row (shared-prefix attention; each context is computed once).  rows: one "
+        "row (x_<t, <think>, c_i, </think>) per thought (the context recomputed G times).  Default: shared.",
+        choices=["rows", "shared"],
+    )
 
 
 def validate_rlp_config(c: RLPConfig) -> None:
@@ -84,6 +90,15 @@ def policy_inverse_temperature(c: RLPConfig) -> float:
     """1/T of the policy the thought tokens are scored under: the sampling policy softmax(logits / T)
     by default, T = 1 with --rlp-untempered-ratio."""
     return 1.0 if c.rlp_untempered_ratio else 1.0 / c.rlp_temperature
+
+
+def resolve_update_layout(layout: Optional[str], family: str) -> str:
+    """--rlp-update-layout for a model family ('gpt' or 'hybrid'): the default, or a clear error."""
+    if layout is None:
+        return "shared"
+    if layout not in ("rows", "shared"):
+        raise ValueError(f"--rlp-update-layout must be rows or shared; got {layout!r}")
+    return layout
 
 
 def longest_context(seq_length: int, thought_len: int) -> int:

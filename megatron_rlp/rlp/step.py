@@ -7,8 +7,12 @@ Before the pipeline schedule (:meth:`RLPObjective.microbatches`):
   2. the no-think baseline S_ema = log p̄_φ(x_t | x_<t): one EMA-teacher forward per window,
      teacher-forced, every --rlp-baseline-interval batches (monitoring only, see below);
   3. G thoughts per position from the current policy (θ_old = θ) with the KV-cache sampler;
-  4. update sequences (x_<t, <think>, c_i, </think>, x_t); all G branches of a context sit in
-     the same micro-batch.
+  4. update sequences: by default (--rlp-update-layout shared) one packed row per context, x_<t once
+     and its G branches (<think>, c_i, </think>) after it, attended as G paths (x_<t, <think>, c_i,
+     </think>) that share the context's keys/values and Mamba state (megatron_rlp.models.shared_prefix);
+     with --rlp-update-layout rows one row (x_<t, <think>, c_i, </think>, x_t) per thought.  Either
+     way all G branches of a context sit in the same micro-batch, and each micro-batch is padded to
+     its own widest row (to the step's under pipeline parallelism: one activation shape).
 Inside the schedule (:meth:`forward_step` / :func:`rlp_loss_func`, last pipeline stage):
   5. one forward gives, through the fused linear log-prob kernel, S_pred = log p_θ(x_t | …, c_i)
      (detached, T = 1) and the log-probs of the sampled thought tokens (with grad) under the
@@ -42,8 +46,8 @@ from megatron_rlp import collectives, platform
 from megatron_rlp.data.documents import Cursor, DataError, Window
 from megatron_rlp.kernels import linear_logprob
 from megatron_rlp.rlp.config import (
-    RLPConfig, longest_context, policy_inverse_temperature, resolve_markers, validate_rlp_config,
-    validate_rlp_lengths,
+    RLPConfig, longest_context, policy_inverse_temperature, resolve_markers, resolve_update_layout,
+    validate_rlp_config, validate_rlp_lengths,
 )
 from megatron_rlp.rlp.ema import EMATeacher
 from megatron_rlp.rlp.objective import group_advantages, rlp_loss
@@ -137,14 +141,94 @@ def build_update_sequences(
     }
 
 
+def build_shared_sequences(
+    documents: list[torch.Tensor],
+    doc_index: torch.Tensor,
+    position: torch.Tensor,
+    closed_tokens: torch.Tensor,
+    closed_lengths: torch.Tensor,
+    forced: torch.Tensor,
+    open_id: int,
+    pad_id: int,
+    width: Optional[int] = None,
+) -> dict:
+    """One packed row per context: x_<t once, then its G branches (open, c_i, close), each
+    branch's last input labelled x_t (the layout of :mod:`megatron_rlp.models.shared_prefix`).
+
+    Returns tokens/labels/position_ids [N, S] (``width`` pads to at least that many slots), the
+    attention ``layout``, and per branch (N*G of them, context-major as in the rows layout)
+    ``branch_row`` (its packed row), ``thought_slot``/``thought_mask``/``target_slot`` (slots in
+    that row).  ``context_len`` is per packed row.  Labels of the context are those of the rows
+    layout (slot t−1 predicts the open marker).
+    """
+    from megatron_rlp.models.shared_prefix import SharedPrefixLayout
+
+    n, g, lmax = closed_tokens.shape
+    lengths = closed_lengths.tolist()
+    starts = [int(t) for t in position.tolist()]
+    needed = max(t + sum(1 + m for m in row) for t, row in zip(starts, lengths))
+    width = max(width or 0, needed)
+    tokens = torch.full((n, width), pad_id, dtype=torch.int64)
+    labels = torch.full((n, width), IGNORE, dtype=torch.int64)
+    thought_slot = torch.full((n * g, lmax), -1, dtype=torch.int64)
+    thought_mask = torch.zeros((n * g, lmax), dtype=torch.bool)
+    target_slot = torch.zeros(n * g, dtype=torch.int64)
+    for i in range(n):
+        doc, t = documents[int(doc_index[i])], starts[i]
+        tokens[i, :t] = doc[:t]
+        labels[i, : t - 1] = doc[1:t]
+        labels[i, t - 1] = open_id
+        slot = t  # where branch j's open marker sits
+        for j, m in enumerate(lengths[i]):
+            r = i * g + j
+            thought = closed_tokens[i, j, :m]
+            tokens[i, slot] = open_id
+            tokens[i, slot + 1 : slot + 1 + m] = thought
+            labels[i, slot : slot + m] = thought
+            labels[i, slot + m] = doc[t]  # after the close marker: x_t
+            thought_slot[r, :m] = torch.arange(slot, slot + m)
+            thought_mask[r, :m] = True
+            if bool(forced[i, j]):
+                thought_mask[r, m - 1] = False
+            target_slot[r] = slot + m
+            slot += 1 + m
+    # max_seqlen_*: megatron sizes its rotary table from them (our per-slot table replaces it).
+    layout = SharedPrefixLayout(context_lens=starts, branch_lens=[[1 + m for m in row] for row in lengths],
+                                max_seqlen_q=width, max_seqlen_kv=width)
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "position_ids": layout.positions(width),
+        "layout": layout,
+        "branch_row": torch.arange(n).repeat_interleave(g),
+        "thought_slot": thought_slot,
+        "thought_mask": thought_mask,
+        "target_slot": target_slot,
+        "context_len": torch.tensor(starts, dtype=torch.int64),
+    }
+
+
+def _branch_rows(batch: dict, num_rows: int) -> torch.Tensor:
+    """The row of the model's output each thought's slots index: its packed row in the shared
+    layout, its own row in the rows layout."""
+    rows = batch.get("branch_row")
+    return torch.arange(num_rows) if rows is None else rows
+
+
+def _gather_slots(hidden_bsh: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, H], rows [N], slots [N, K] (-1 = none, gathers slot 0) -> [N, K, H]."""
+    rows, slots = rows.to(hidden_bsh.device), slots.to(hidden_bsh.device)
+    return hidden_bsh[rows[:, None], slots.clamp(min=0)]
+
+
+def _take_slots(labels: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    return labels[rows[:, None], slots.clamp(min=0)]
+
+
 def _gather_rows(hidden_bsh: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """hidden [B, S, H], slots [B, K] (-1 = none, gathers slot 0) -> [B, K, H]."""
     idx = slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden_bsh.shape[-1])
     return torch.gather(hidden_bsh, 1, idx)
-
-
-def _take(labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    return torch.gather(labels, 1, slots.clamp(min=0))
 
 
 def _final_hidden(output_tensor: torch.Tensor, model) -> tuple[torch.Tensor, bool]:
@@ -211,13 +295,14 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
     hidden, reduce_grad = _final_hidden(output_tensor, model)  # [B, S, H]
     weight = output_weight(model)
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    b = hidden.shape[0]
+    branch_row = _branch_rows(batch, hidden.shape[0])  # shared layout: G thoughts per packed row
+    b = branch_row.numel()  # thoughts in this micro-batch
 
     # One kernel call: the thought tokens (with grad) and the x_t slot after the thought.
     slots = torch.cat([batch["thought_slot"], batch["target_slot"][:, None]], dim=1)  # [B, L+2]
     valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool, device=hidden.device)], dim=1)
-    targets = torch.where(valid, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
-    rows = _score_at_policy_temperature(_gather_rows(hidden, slots), config).reshape(-1, hidden.shape[-1])
+    targets = torch.where(valid, _take_slots(batch["labels"], branch_row, slots), torch.full_like(slots, IGNORE))
+    rows = _score_at_policy_temperature(_gather_slots(hidden, branch_row, slots), config).reshape(-1, hidden.shape[-1])
     logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True,
                                    vocab_size=vocab_size, reduce_hidden_grad=reduce_grad)
     logp = logp.view(b, -1)
@@ -234,12 +319,14 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
 
     ntp_kwargs = {}
     if config.rlp_ntp_weight > 0:
-        ctx_slots = torch.arange(batch["labels"].shape[1], device=hidden.device).expand(b, -1)
+        ctx_slots = torch.arange(batch["labels"].shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         ctx_mask = ctx_slots < batch["context_len"][:, None]
         ctx_targets = torch.where(ctx_mask, batch["labels"], torch.full_like(batch["labels"], IGNORE))
         ctx_logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight, ctx_targets.reshape(-1), tp_group,
                                   vocab_size=vocab_size, reduce_hidden_grad=reduce_grad)
-        ntp_kwargs = dict(ntp_weight=config.rlp_ntp_weight, ntp_logp=ctx_logp.view(b, -1), ntp_mask=ctx_mask)
+        # Per thought, as the rows layout counts it (a shared context counts once per thought).
+        ctx_logp = ctx_logp.view(hidden.shape[0], -1)[branch_row.to(ctx_logp.device)]
+        ntp_kwargs = dict(ntp_weight=config.rlp_ntp_weight, ntp_logp=ctx_logp, ntp_mask=ctx_mask[branch_row])
     if config.rlp_kl_beta > 0:
         ntp_kwargs.update(kl_weight=config.rlp_kl_beta, logp_ref=batch["logp_ref"])
 
@@ -293,6 +380,7 @@ class RLPObjective:
         validate_rlp_lengths(self.max_sequence_length, state.preset.max_position_embeddings,
                              config.rlp_thought_len, config.rlp_min_context)
         self.max_context = longest_context(self.max_sequence_length, config.rlp_thought_len)
+        self.update_layout = resolve_update_layout(config.rlp_update_layout, state.preset.family)
         self.config = config
         self.state = state
         self.stream = stream
@@ -389,8 +477,7 @@ class RLPObjective:
     def _forward_only(self, batches: list[dict], loss_fn) -> list[dict]:
         def step(data_iterator, model):
             batch = next(data_iterator)
-            out = model(batch["tokens"], batch["position_ids"], None)
-            return out, partial(loss_fn, batch, unwrap_model(model))
+            return _run_model(model, batch), partial(loss_fn, batch, unwrap_model(model))
 
         was_training = [m.training for m in self.state.model]
         for m in self.state.model:
@@ -446,16 +533,26 @@ class RLPObjective:
         self.timers.add("rlp-sampling-decode", thoughts.stats.get("decode_s"))
         closed, closed_len = thoughts.closed_tokens(self.pad_id)
         self._teacher_windows = [len(d) - 1 for d in docs] if s_ema is not None else []
-        # x_<t, open, thought + close, x_t, minus the last token (inputs only).
-        width = int((thoughts.position + closed_len.max(dim=1).values).max()) + 1
-        width = _round_up(width, _sequence_multiple(self.models[0]))
+        shared = self.update_layout == "shared"
+        # Inputs of a row: rows layout x_<t, open, thought + close (x_t is the last label);
+        # shared layout x_<t and every branch (open, thought + close).
+        if shared:
+            row_len = thoughts.position + (closed_len + 1).sum(dim=1)
+        else:
+            row_len = thoughts.position + closed_len.max(dim=1).values + 1
+        multiple = _sequence_multiple(self.models[0])
+        # Each micro-batch is padded to its own widest row, except under pipeline parallelism:
+        # the stages exchange activations of one shape for the whole schedule.
+        one_shape = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        build = build_shared_sequences if shared else build_update_sequences
         per_mb = self.micro_batch_size * c.rlp_positions_per_doc  # contexts per micro-batch
         # The sampler's record of the policy the update scores (rlp/sample_logprob_drift).
         recorded_lp = thoughts.logprobs if c.rlp_untempered_ratio else thoughts.tempered_logprobs
         microbatches = []
         for m in range(num_microbatches):
             ctx = slice(m * per_mb, (m + 1) * per_mb)
-            mb = build_update_sequences(
+            width = _round_up(int((row_len if one_shape else row_len[ctx]).max()), multiple)
+            mb = build(
                 docs, thoughts.doc_index[ctx], thoughts.position[ctx], closed[ctx], closed_len[ctx],
                 thoughts.forced[ctx], self.open_id, self.pad_id, width,
             )
@@ -485,7 +582,7 @@ class RLPObjective:
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None)
+        output = _run_model(model, batch)
         return output, partial(rlp_loss_func, batch, unwrap_model(model), self.config,
                                vocab_size=self.vocab_size)
 
@@ -677,6 +774,21 @@ class RLPObjective:
             self._load_batch = False
 
 
+def _run_model(model, batch: dict):
+    """The model's forward on one micro-batch; a shared-prefix batch carries its attention layout
+    (to the core attention of every layer) and its per-slot RoPE positions (installed on this
+    pipeline stage's rotary embedding for the call)."""
+    layout = batch.get("layout")
+    if layout is None:
+        return model(batch["tokens"], batch["position_ids"], None)
+    from megatron_rlp.models.shared_prefix import packed_rope_table
+    from megatron_rlp.sampling.pipeline import rope_positions
+
+    inner = unwrap_model(model)
+    with rope_positions(inner, packed_rope_table(inner, batch["position_ids"])):
+        return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=layout)
+
+
 def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
     hidden, _ = _final_hidden(output_tensor, model)
     rows = _gather_rows(hidden, batch["slots"]).reshape(-1, hidden.shape[-1])
@@ -691,8 +803,9 @@ def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_
     k3 KL estimate is unbiased for tokens drawn from the policy it compares, the tempered one)."""
     hidden, _ = _final_hidden(output_tensor, model)
     slots = batch["thought_slot"]
-    targets = torch.where(slots >= 0, _take(batch["labels"], slots), torch.full_like(slots, IGNORE))
-    rows = _gather_rows(hidden, slots)
+    branch_row = _branch_rows(batch, hidden.shape[0])
+    targets = torch.where(slots >= 0, _take_slots(batch["labels"], branch_row, slots), torch.full_like(slots, IGNORE))
+    rows = _gather_slots(hidden, branch_row, slots)
     rows = (rows.float() * inverse_temperature).to(rows.dtype).reshape(-1, hidden.shape[-1])
     logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)

@@ -30,6 +30,28 @@ def test_one_iteration_matches_reference(corpus, tp, pp):
 
 
 @pytest.mark.world_size(2)
+@pytest.mark.parametrize("preset,tp,pp,sequence_parallel", [
+    ("tiny", 2, 1, False), ("tiny", 2, 1, True), ("tiny", 1, 2, False), ("tiny-hybrid", 2, 1, False),
+    ("tiny-hybrid", 1, 2, False),
+])
+def test_shared_update_equals_rows_update(corpus, preset, tp, pp, sequence_parallel):
+    """The shared-prefix layout against one row per thought: loss, every rlp/* metric and every
+    gradient shard (PP: the RoPE override must act on both stages, one shape per micro-batch)."""
+    from rlp_parity import check_layouts_agree, run_parity
+
+    runs = {
+        layout: run_parity(corpus, tp=tp, pp=pp, tie=preset == "tiny", layout=layout,
+                           rlp_overrides={"rlp_ntp_weight": 0.3}, with_reference=False,
+                           sequence_parallel=sequence_parallel, preset_name=preset)[0]
+        for layout in ("shared", "rows")
+    }
+    check_layouts_agree(runs["shared"], runs["rows"])
+    widths = {mb["tokens"].shape for mb in runs["shared"]["microbatches"]}
+    if pp > 1:
+        assert len(widths) == 1  # the stages exchange one activation shape
+
+
+@pytest.mark.world_size(2)
 @pytest.mark.parametrize("preset,tp,pp", [("tiny", 2, 1), ("tiny", 1, 2), ("tiny-hybrid", 2, 1)])
 def test_short_rlp_run_with_the_sampler(corpus, preset, tp, pp, tmp_path_factory):
     """A few real RLP iterations (sampled thoughts, EMA, checkpoint + resume) at TP=2 and PP=2,

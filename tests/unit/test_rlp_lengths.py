@@ -130,7 +130,7 @@ def test_positions_file_maps_into_windows(corpus, tmp_path):
                                                      thought_source=source)
         loop.train(state, objective)
         check_within_budget(recorder, corpus)
-        assert max(recorder.update_widths) == SEQ_LENGTH
+        assert max(recorder.path_lengths) == SEQ_LENGTH
     finally:
         parallel.destroy()
 
