@@ -121,12 +121,13 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     t.micro_batch_size, t.global_batch_size, t.train_iters, t.lr, t.seed = 1, 2, iters, LR, 3
     # SGD: Adam's first step is lr * sign(g), which turns 1e-9 gradient noise into lr-sized steps.
     t.weight_decay, t.clip_grad, t.lr_decay_style, t.optimizer, t.sgd_momentum = 0.0, 0.0, "constant", "sgd", 0.0
-    rlp = RLPConfig(rlp_num_thoughts=G, rlp_thought_len=4, rlp_positions_per_doc=2, rlp_min_context=3,
-                    rlp_ema_decay=0.9, rlp_clip_low=0.2, rlp_clip_high=0.28,
-                    rlp_baseline_interval=1000 if skip_baseline else 1, rlp_temperature=temperature,
-                    rlp_untempered_ratio=untempered_ratio, rlp_kl_beta=kl_beta,
-                    rlp_updates_per_batch=updates_per_batch, rlp_update_layout=layout,
-                    **(rlp_overrides or {}))
+    rlp = RLPConfig(**dict(dict(
+        rlp_num_thoughts=G, rlp_thought_len=4, rlp_positions_per_doc=2, rlp_min_context=3,
+        rlp_ema_decay=0.9, rlp_clip_low=0.2, rlp_clip_high=0.28,
+        rlp_baseline_interval=1000 if skip_baseline else 1, rlp_temperature=temperature,
+        rlp_untempered_ratio=untempered_ratio, rlp_kl_beta=kl_beta,
+        rlp_updates_per_batch=updates_per_batch, rlp_update_layout=layout,
+    ), **(rlp_overrides or {})))
     preset = loop.resolve_preset(run.model)
     state = loop.setup(run, preset)
     stream = DocumentStream(open_indexed_dataset(data_prefix), preset.vocab_size, seed=3, shuffle=False)

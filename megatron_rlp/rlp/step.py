@@ -598,7 +598,10 @@ class RLPObjective:
         return {"rlp/ema_gap": gap}
 
     # -- FLOPs of the iteration (the log line's TFLOP/s) ------------------------------------------
-    cost_variant = "rows"  # the update's layout in cost_model.VARIANTS terms
+    @property
+    def cost_variant(self) -> str:
+        """The update's layout in cost_model.VARIANTS terms."""
+        return "shared_prefix" if self.update_layout == "shared" else "rows"
 
     def iteration_cost(self, preset, global_batch_size: int, recompute: str = "none") -> IterationCost:
         """The cost model's FLOPs of the iteration just run, whole job: this rank's actual batch

@@ -94,7 +94,7 @@ def test_log_line_flops_are_the_cost_model_of_the_real_batch(corpus, capsys):
     from megatron_rlp.training import cost_model as cm
     from rlp_parity import G, run_parity
 
-    mega, _ = run_parity(corpus, tp=1, pp=1)
+    mega, _ = run_parity(corpus, tp=1, pp=1, layout="rows")  # one padded row per thought
     record, source = mega["history"], mega["source"]
     docs, positions = source.calls[0]
     context_lens = [t for pos in positions for t in pos]
@@ -203,3 +203,14 @@ def test_invalid_flags_are_rejected(field, value, flag):
 def test_marker_missing_from_tokenizer():
     with pytest.raises(ValueError, match=r"--rlp-think-close '</think>' is not a single token"):
         resolve_markers(RLPConfig(), _Tok())
+
+
+def test_shared_layout_counts_each_context_once(corpus):
+    """With the shared-prefix update the log line's FLOPs use the cost model's shared_prefix
+    variant: the update counts each context once plus its G branches (fewer tokens than rows)."""
+    from rlp_parity import run_parity
+
+    rows, _ = run_parity(corpus, tp=1, pp=1, layout="rows", with_reference=False)
+    shared, _ = run_parity(corpus, tp=1, pp=1, layout="shared", with_reference=False)
+    assert shared["layout"] == "shared"
+    assert shared["history"]["model_flops"] < rows["history"]["model_flops"]
