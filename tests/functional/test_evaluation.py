@@ -17,7 +17,7 @@ from training_fixtures import NULL_VOCAB, run_single_process, tiny_run_args, wri
 SPLIT = "90,10,0"  # 120 documents: 0..107 train, 108..119 validation
 RLP = dict(rlp=True, rlp_num_thoughts=2, rlp_thought_len=3, rlp_min_context=2,
            rlp_think_open=NULL_VOCAB - 2, rlp_think_close=NULL_VOCAB - 1, rlp_temperature=0.7)
-TIMING = ("elapsed_ms", "tflops_per_gpu")
+TIMING = ("elapsed_ms", "tflops_per_gpu", "timers_ms")  # wall times differ run to run
 
 
 @pytest.fixture(scope="module")

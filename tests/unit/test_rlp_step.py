@@ -125,7 +125,7 @@ def test_reused_sample_batch_counts_no_teacher_or_sampling(corpus):
     from megatron_rlp.training import cost_model as cm
     from rlp_parity import run_parity
 
-    mega, _ = run_parity(corpus, tp=1, pp=1, iters=2, updates_per_batch=2, reference=False)
+    mega, _ = run_parity(corpus, tp=1, pp=1, iters=2, updates_per_batch=2, reference=False, layout="rows")
     first, second = mega["all_history"]
     assert len(mega["source"].calls) == 1
     docs, positions = mega["source"].calls[0]
