@@ -68,7 +68,7 @@ def test_log_line_flops_sum_the_data_parallel_ranks(corpus):
     from megatron_rlp.training import cost_model as cm
     from rlp_parity import run_parity
 
-    mega, _ = run_parity(corpus, tp=1, pp=1, reference=False)  # world 2: DP=2
+    mega, _ = run_parity(corpus, tp=1, pp=1, reference=False, layout="rows")  # world 2: DP=2
     docs, positions = mega["source"].calls[0]
     context_lens = [t for pos in positions for t in pos]
     thought_lens = [[len(c) for c in mega["source"].thoughts[i]] for i in range(len(context_lens))]
