@@ -142,6 +142,14 @@ class ParameterSync:
         if not self.stale:
             return
         for chunk in self.model_chunks:
+            # A gather a forward hook prefetched before the step but no module's hook ever
+            # waited for (RLP never calls the output layer module: log-probs come from the fused
+            # kernel) holds pre-step shards: megatron's force_sync would only wait on it and
+            # return.  Finish those first, so the forced gather below reads this step's shards.
+            for group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
+                if group.param_gather_handle is not None:
+                    group.param_gather_handle.wait()
+                    group.param_gather_handle = None
             # Synchronous all-gather of every bucket; the next forward's hooks then find the
             # buckets dispatched and gather nothing again.
             chunk.start_param_sync(force_sync=True)
