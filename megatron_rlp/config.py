@@ -224,6 +224,9 @@ class CheckpointConfig:
     exit_interval: Optional[int] = option(None, "Save and exit when the iteration number is a multiple of N.")
     exit_duration_in_mins: Optional[float] = option(
         None, "Save and exit after this many minutes of the process's run time (set it below the job's time limit).")
+    exit_model_flops: Optional[float] = option(
+        None, "Save and exit once the run has done this many model FLOPs (the cost model's count behind the log "
+        "line's TFLOP/s, every phase, whole job; cumulative across restarts of the run), e.g. 3e18: a FLOP budget.")
 
 
 CONFIG_GROUPS = {

@@ -51,7 +51,8 @@ def evaluate_checkpoint(run, num_docs: int, positions_file: Optional[str], num_t
         validate_rlp_lengths(run.training.seq_length, state.preset.max_position_embeddings, thought_len, min_context,
                              thought_flag="--thought-len", context_flag="--min-context")
         signature = loop.model_signature(state.preset)
-        checkpoint.load_checkpoint(run.checkpoint.load, state.model, None, None, None, signature, finetune=True)
+        checkpoint.load_checkpoint(run.checkpoint.load, state.model, None, None, None, signature, finetune=True,
+                                   step=run.checkpoint.ckpt_step)
         docs = [torch.from_numpy(d) for d in stream.next_documents(min(num_docs, stream.num_documents))]
         positions = load_positions(positions_file, docs, min_context)
         keep = [i for i, p in enumerate(positions) if p]

@@ -241,6 +241,7 @@ def save_checkpoint(
     model_args: Optional[dict] = None,
     async_queue=None,
     on_committed=None,
+    consumed_model_flops: float = 0.0,
 ) -> str:
     """Save everything needed to resume exactly; returns the checkpoint directory.
     ``model_args``: the architecture as flag values, for --use-checkpoint-args.
@@ -262,6 +263,7 @@ def save_checkpoint(
     state["objective_tensors"] = objective.sharded_state_dict(model_sd)
     state["rng_state"] = _rng_sharded_object()
     state["iteration"] = iteration
+    state["consumed_model_flops"] = float(consumed_model_flops)
     state["scheduler"] = scheduler.state_dict()
     state["objective"] = objective.state_dict()
     state["model_signature"] = model_signature
@@ -405,6 +407,13 @@ def load_checkpoint(
             flush=True,
         )
     return int(common["iteration"])
+
+
+def consumed_model_flops(root: str, iteration: int) -> float:
+    """The model FLOPs a run had done when it saved iteration ``iteration`` under ``root`` (0 for
+    checkpoints written before the count was kept, or by another tool)."""
+    common = dist_checkpointing.load_common_state_dict(iteration_dir(root, iteration))
+    return float(common.get("consumed_model_flops", 0.0))
 
 
 # The scheduler's saved values and the flags that set them.

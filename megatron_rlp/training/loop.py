@@ -106,6 +106,7 @@ class TrainState:
     transformer_config: Any
     sync_parameters: "ParameterSync"
     iteration: int = 0
+    consumed_model_flops: float = 0.0  # cost-model FLOPs since the run began (--exit-model-flops)
 
 
 def validate_overlap(par: cfg.ParallelConfig) -> None:
@@ -173,6 +174,7 @@ def _validate_batch(run: RunConfig, dp: int) -> None:
     if ck.ckpt_keep_every and not ck.ckpt_keep_last:
         raise ValueError("--ckpt-keep-every only adds to --ckpt-keep-last N (without it every checkpoint is kept)")
     for flag, value in (("--exit-interval", ck.exit_interval), ("--exit-duration-in-mins", ck.exit_duration_in_mins),
+                        ("--exit-model-flops", ck.exit_model_flops),
                         ("--ckpt-keep-last", ck.ckpt_keep_last), ("--ckpt-keep-every", ck.ckpt_keep_every)):
         if value is not None and value <= 0:
             raise ValueError(f"{flag} must be > 0, got {value}")
@@ -513,9 +515,17 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
             load_optimizer=not ck.no_load_optim, load_rng=not ck.no_load_rng,
             finetune=start_kind == "weights", step=ck.ckpt_step if start_dir == ck.load else None,
         )
+        if start_kind == "resume":
+            state.consumed_model_flops = ckpt.consumed_model_flops(start_dir, state.iteration)
     elif ck.load and dist.get_rank() == 0:
         print(f"note: --load {ck.load} holds no checkpoint of this run yet; starting at iteration 0 "
               "from a freshly initialised model", flush=True)
+    if ck.exit_model_flops and state.consumed_model_flops >= ck.exit_model_flops and state.iteration < t.train_iters:
+        if dist.get_rank() == 0:
+            print(f"the run's FLOP budget is spent: {start_dir} is at iteration {state.iteration} with "
+                  f"{state.consumed_model_flops:.4g} model FLOPs done and --exit-model-flops is "
+                  f"{ck.exit_model_flops:.4g}; nothing to do (raise --exit-model-flops to continue)", flush=True)
+        return []
     if state.iteration >= t.train_iters:
         if dist.get_rank() == 0:
             print(f"the run already finished: {start_dir} is at iteration {state.iteration} and "
@@ -612,10 +622,12 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
             model_flops = objective.iteration_cost(state.preset, t.global_batch_size,
                                                    t.recompute_granularity or "none").model_flops
             tflops = model_flops / (elapsed * world) / 1e12
+            state.consumed_model_flops += model_flops
             lr = state.optimizer.param_groups[0]["lr"]
             phase_ms = timers.collect() if logged else {}
             record = dict(metrics, iteration=state.iteration, lr=lr, grad_norm=grad_norm,
                           elapsed_ms=elapsed * 1000, tflops_per_gpu=tflops, model_flops=model_flops,
+                          consumed_model_flops=state.consumed_model_flops,
                           timers_ms=phase_ms)
             history.append(record)
             if len(history) == 1:
@@ -642,6 +654,10 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                 stop_reason = "a termination signal" if preempt.raised else "--exit-duration-in-mins"
             elif ck.exit_interval and state.iteration % ck.exit_interval == 0 and state.iteration < t.train_iters:
                 stop_reason = f"--exit-interval {ck.exit_interval}"
+            elif (ck.exit_model_flops and state.consumed_model_flops >= ck.exit_model_flops
+                  and state.iteration < t.train_iters):
+                stop_reason = (f"--exit-model-flops {ck.exit_model_flops:.4g} "
+                               f"({state.consumed_model_flops:.4g} model FLOPs done)")
             stop = stop_reason is not None
             due = ck.save and (
                 (ck.save_interval and state.iteration % ck.save_interval == 0)
@@ -652,7 +668,8 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
                 ckpt.save_checkpoint(ck.save, state.iteration, state.model, state.optimizer,
                                      state.scheduler, objective, signature,
                                      model_args=architecture_args(state.preset),
-                                     async_queue=async_queue, on_committed=committed)
+                                     async_queue=async_queue, on_committed=committed,
+                                     consumed_model_flops=state.consumed_model_flops)
             if async_queue is not None:
                 async_queue.maybe_finalize_async_calls(blocking=stop or state.iteration == t.train_iters)
             if stop:

@@ -152,6 +152,31 @@ def test_exit_interval_and_duration_save_and_stop(base, tmp_path, capsys):
     assert "on --exit-duration-in-mins" in capsys.readouterr().out
 
 
+def test_exit_model_flops_is_a_budget_kept_across_restarts(base, tmp_path, capsys):
+    """RLP iterations differ in cost (thought lengths): the budget is the cost model's running sum,
+    saved with the checkpoint, so a resumed run stops where one uninterrupted run would."""
+    data, _ = base
+    rlp = dict(rlp=True, rlp_num_thoughts=2, rlp_thought_len=3, rlp_min_context=2,
+               rlp_think_open=NULL_VOCAB - 2, rlp_think_close=NULL_VOCAB - 1)
+    whole = _train(tiny_run_args(data, iters=6, **rlp))
+    spent = [h["consumed_model_flops"] for h in whole]
+    assert spent == pytest.approx(torch.tensor([h["model_flops"] for h in whole], dtype=torch.float64).cumsum(0).tolist())
+    assert len(set(h["model_flops"] for h in whole)) > 1  # iterations really differ in cost
+    budget = (spent[2] + spent[3]) / 2  # reached during iteration 4
+    run_dir = str(tmp_path / "flops")
+    first = _train(tiny_run_args(data, iters=6, save=run_dir, load=run_dir, exit_interval=2,
+                                 exit_model_flops=budget, **rlp))
+    assert [h["iteration"] for h in first] == [1, 2] and read_tracker(run_dir) == 2  # --exit-interval first
+    second = _train(tiny_run_args(data, iters=6, save=run_dir, load=run_dir, exit_model_flops=budget, **rlp))
+    assert [h["iteration"] for h in second] == [3, 4] and read_tracker(run_dir) == 4
+    assert [h["consumed_model_flops"] for h in second] == pytest.approx(spent[2:4])
+    assert "on --exit-model-flops" in capsys.readouterr().out
+    assert _train(tiny_run_args(data, iters=6, save=run_dir, load=run_dir, exit_model_flops=budget, **rlp)) == []
+    assert "the run's FLOP budget is spent" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--exit-model-flops must be > 0"):
+        _train(tiny_run_args(data, iters=2, save=run_dir, exit_model_flops=-1.0))
+
+
 def test_exit_flags_need_save_and_training_needs_lr(base):
     data, _ = base
     with pytest.raises(ValueError, match="--exit-interval saves a checkpoint before exiting: pass --save"):
