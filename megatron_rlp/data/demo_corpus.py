@@ -303,3 +303,20 @@ def strip_thoughts(text: str) -> str:
     """``text`` with every ``<think>...</think>`` removed."""
     return re.sub(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE), "", text)
 
+
+
+BENCHMARK_TEMPLATE = "Question: {question} Answer: "
+
+
+def write_benchmark(n: int, path: str, seed: int = 0, split: str = "heldout") -> str:
+    """``n`` addition problems of ``split`` as a question/answer benchmark file (JSON lines
+    {"question": "what is 417 plus 385?", "answer": "802"}) for tools/eval_benchmark.py, whose
+    prompt template :data:`BENCHMARK_TEMPLATE` restores the corpus's first template up to the
+    answer digits (where a thought goes)."""
+    rng = random.Random(f"megatron-rlp-demo/{seed}/{split}/benchmark")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = _draw_problem(rng, split)
+            f.write(json.dumps({"question": f"what is {a} plus {b}?", "answer": str(a + b)}) + "\n")
+    return path

@@ -137,3 +137,12 @@ def destroy() -> None:
         group = _created_groups.pop()
         if group in live:  # not already destroyed with another one
             dist.destroy_process_group(group)
+
+
+def reporting_rank(pipeline_model_parallel_size: int, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process is global rank 0 of the last pipeline stage — the one rank of a tool run
+    under torchrun that prints and writes files (megatron's rank order: TP fastest, then DP, then
+    PP).  Known from the launcher's environment alone, so it holds after the groups are destroyed."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    pp = pipeline_model_parallel_size
+    return int(environ.get("RANK", "0")) == (world // pp) * (pp - 1)
