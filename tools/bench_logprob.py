@@ -180,7 +180,19 @@ def time_worker(args) -> dict:
             calls[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: {"time_s": min(ts), "time_median_s": statistics.median(ts)}
-            for name, ts in times.items()} | {"_threads": torch.get_num_threads()}
+            for name, ts in times.items()} | {"_threads": torch.get_num_threads(),
+                                              "_vocab_splits": _triton_splits(args, cuda)}
+
+
+def _triton_splits(args, cuda: bool):
+    """Vocabulary splits the Triton forward runs at this pass's row count (None without CUDA)."""
+    if not cuda:
+        return None
+    import torch
+    from megatron_rlp.kernels.triton_linear_logprob import vocab_splits
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return vocab_splits(_rows(args, args.pass_), args.vocab, sms)
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -307,6 +319,8 @@ def main(argv=None) -> int:
                     tflops=round(tflops, 3 if tflops < 10 else 1),
                     peak_share=None if peak is None else round(tflops / peak, 3),
                 )
+                if impl == "triton":
+                    rec["vocab_splits"] = timing["_vocab_splits"]
                 rec.update(memory_method=m["memory_method"], device=device,
                            threads=timing["_threads"])
                 _print_row(rec)

@@ -606,6 +606,22 @@ def test_information_gain_bf16_policy_fp32_ema():
         _close(information_gain(h1, w1, h2, w2, t, impl=impl), expected, atol=5e-5)
 
 
+def test_benchmark_counts_8ndv_and_knows_the_bf16_peaks():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "bench_logprob.py")
+    spec = importlib.util.spec_from_file_location("bench_logprob", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.COUNTED_FLOPS == {"fwd": 2, "fwd+bwd": 8, "score": 2}
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+                       ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0)]:
+        assert bench.bf16_peak(name)[0] == peak, name
+    assert bench.bf16_peak("cpu")[0] is None and bench.bf16_peak("Some GPU")[0] is None
+    assert bench.bf16_peak("Some GPU", 500.0)[0] == 500.0
+
+
 # ---------------------------------------------------------------------------- dispatch
 
 
