@@ -17,21 +17,24 @@ the same exact log-sum-exp rule (:func:`vocab_parallel.merge_shard_stats`, a few
 ``splits x N`` numbers) before the shards are merged over the TP group.
 
 Backward, at ``8 N D V`` for forward + backward (one recompute).  The logits are cut into chunks
-along one axis - the rows when ``N > V_r``, else the vocabulary - each chunk's
+along one axis - the rows when ``N > V_r``, else the vocabulary - and each chunk's
 ``d_logits = a * (onehot - p) + b * p * ((lse - z) - H)`` is written by one Triton pass
 (``_dlogits_kernel``, grid over the chunk's ``BLOCK_N x BLOCK_V`` tiles: recompute the logits
 tile from the saved ``lse`` (and ``H``), apply the formula, store) in the GEMM dtype (bf16/fp16
-for low-precision inputs, as a bf16 autograd backward has it; fp32 for fp32 or mixed inputs), and
-two cuBLAS GEMMs consume it: ``d_h = d_logits @ W`` and ``d_W = d_logits^T @ h``.  The gradient
-that spans the chunked axis is written once per chunk (``d_h`` rows, or ``d_W`` rows, directly
-into their slice); the other one is accumulated in an fp32 buffer, chunk by chunk.  Chunking the
-axis where the shard is longer keeps the accumulated operand the small one (``N x D`` or
-``V_r x D``) and each GEMM's inner dimension long, so the fp32 read-modify-write per chunk stays
-far below the GEMM's own time.  Extra memory: the ``d_logits`` chunk, at most ``chunk_bytes``
-(default ``DEFAULT_CHUNK_BYTES`` = 256 MiB, at least one row or column), plus one GEMM-dtype
-partial of the accumulated gradient for low-precision inputs.  Deterministic by construction:
-every output element is produced by one program or one GEMM call, chunks are summed in a fixed
-order, and there are no atomics (the earlier atomic variant is gone: it no longer saves FLOPs).
+for low-precision inputs, as a bf16 autograd backward has it; fp32 for fp32 or mixed inputs).
+Two cuBLAS GEMMs (torch) consume it: ``d_h = d_logits @ W`` and ``d_W = d_logits^T @ h``.  The
+gradient indexed by the chunked axis is written once, straight into its slice (``d_W`` rows, in
+the weight dtype, for vocabulary chunks; ``d_h`` rows for row chunks); the other one is summed
+over the chunks in an fp32 buffer.  Cutting the longer axis keeps that summed operand the
+smaller one and each chunk's GEMM long in its inner dimension.  For low-precision inputs each
+chunk's partial comes out of cuBLAS in bf16 and is added in fp32: about ``6 F / (B * chunk)`` of
+the summing GEMM's time (F flop/s, B bytes/s; ~20 % of that one GEMM at the 8192-column chunks of
+N = 16384, V = 151936 on an H100).  Extra memory: the ``d_logits`` chunk, at most
+``chunk_bytes`` (default ``DEFAULT_CHUNK_BYTES`` = 256 MiB, at least one row or column), plus that
+partial.  Deterministic: every output element comes from one program or one GEMM call, chunks
+are summed in a fixed order, no atomics (the atomic variant is gone: it no longer saved FLOPs).
+Not batch-invariant: the split count and the autotuned blocks depend on N, so a row's last bits
+can change with the number of rows in the call.
 
 Precision: inputs bf16/fp16/fp32, logits and all statistics fp32.  On a GPU, bf16 tiles go to
 ``tl.dot`` as they are; fp32 inputs use TF32 only when ``torch.backends.cuda.matmul.allow_tf32``
@@ -42,11 +45,14 @@ CPU (``TRITON_INTERPRET=1``, tests): the same kernels run in Triton's interprete
 torch GEMMs on the CPU.  ``tl.dot`` on bf16 is silently wrong in the interpreter, so tiles are
 upcast to fp32 there (``UPCAST``); its fp32 -> bf16 cast truncates where a GPU rounds to nearest
 even, so ``d_logits`` is rounded on the bits first there (``ROUND_BF16``) and stored in bf16: the
-GEMMs see the numbers they see on a GPU.  Block sizes are fixed on CPU (the interpreter cannot autotune);
-``triton.autotune`` runs on CUDA, keyed on power-of-two buckets of the row count (and of the
-chunk for the backward), the vocabulary and ``D``.  Checked on CPU only (no GPU in development):
-correctness of every path against fp64 autograd and the torch reference, split and chunk edge
-cases, bf16 chunk dtype; not checked: compiled kernels, autotuning, speed.
+GEMMs see the numbers they see on a GPU.  Block sizes are fixed on CPU (the interpreter cannot
+autotune); ``triton.autotune`` runs on CUDA, keyed on power-of-two buckets of the row count (and of the
+chunk for the backward), the vocabulary and ``D``.  Checked on CPU only (no GPU during this
+work): forward, splits (boundaries inside TP shards, empty splits, ignored rows), both chunk
+axes with ragged chunks and the byte bound, entropy gradients, bf16 chunks equal to the exact
+d_logits rounded to nearest bf16, fp32 summation, TP=2 over gloo, all against fp64 autograd and
+the torch reference.  Not checked here: compiled kernels, autotuning, speed (tests/gpu and
+tools/bench_logprob.py do that on a GPU).
 """
 
 from __future__ import annotations
