@@ -60,7 +60,7 @@ OPTIONAL = ("transformer_engine", "mamba_ssm", "causal_conv1d", "apex", "scaled_
 BENCHMARKS = {
     "bench_logprob": ["tools/bench_logprob.py", "--num-tokens", "16384", "--hidden", "4096",
                       "--vocab", "151936", "--dtype", "bf16", "--repeats", "3",
-                      "--impls", "naive,reference,triton,triton-atomic"],
+                      "--impls", "naive,reference,triton"],
     "bench_sampler": ["tools/bench_sampler.py", "--preset", "qwen3-1.7b", "--bf16", "--num-docs", "4",
                       "--positions-per-doc", "4", "--num-thoughts", "16", "--prefix", "512",
                       "--thought-len", "64"],

@@ -3,7 +3,8 @@
 Public API
 ----------
 ``linear_logprob(hidden, weight, targets, tp_group=None, entropy=False, *, ignore_index=-100,
-impl="auto", deterministic=True, reduce_hidden_grad=True, chunk_size=None, vocab_chunk=None)``
+impl="auto", reduce_hidden_grad=True, chunk_size=None, vocab_chunk=None, vocab_size=None,
+grad_chunk_bytes=None)``
     ``log softmax(hidden @ weight.T)[target]`` for ``hidden`` [N, D] (or [..., D]) and this
     rank's output-layer shard ``weight`` [V_r, D] (rows ``[r * V_r, (r + 1) * V_r)`` of the full
     vocabulary, as megatron's ColumnParallelLinear output layer holds them), without ever
@@ -12,7 +13,8 @@ impl="auto", deterministic=True, reduce_hidden_grad=True, chunk_size=None, vocab
     (lse, target logit[, shard entropy]); no collective when ``tp_group`` is None or has one
     rank.  Differentiable in ``hidden`` and ``weight`` (blocked recompute, no stored logits;
     the hidden gradient is all-reduced over ``tp_group`` like a column-parallel input
-    gradient).  Targets equal to ``ignore_index`` give 0 and no gradient.
+    gradient).  Targets equal to ``ignore_index`` give 0 and no gradient.  Deterministic (no
+    atomics): the same inputs give bitwise the same outputs and gradients.
 
 ``information_gain(h_think, w_policy, h_nothink, w_ema, targets, tp_group=None, ...)``
     RLP's reward ``log p_policy(x | h_think) - log p_ema(x | h_nothink)``, fp32, no grad, one

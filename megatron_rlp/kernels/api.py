@@ -56,11 +56,13 @@ def resolve_impl(impl: Optional[str], *tensors: torch.Tensor) -> str:
     return "reference"
 
 
-def _backend(impl: str, deterministic: bool, chunk_size: Optional[int], vocab_chunk: Optional[int]):
+def _backend(
+    impl: str, chunk_size: Optional[int], vocab_chunk: Optional[int], grad_chunk_bytes: Optional[int] = None
+):
     if impl == "triton":
         from megatron_rlp.kernels.triton_linear_logprob import TritonBackend
 
-        return TritonBackend(deterministic=deterministic)
+        return TritonBackend(chunk_bytes=grad_chunk_bytes)
     return ReferenceBackend(chunk_size, vocab_chunk)
 
 
@@ -73,11 +75,11 @@ def linear_logprob(
     *,
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     impl: str = "auto",
-    deterministic: bool = True,
     reduce_hidden_grad: bool = True,
     chunk_size: Optional[int] = None,
     vocab_chunk: Optional[int] = None,
     vocab_size: Optional[int] = None,
+    grad_chunk_bytes: Optional[int] = None,
 ):
     """log p(target) of ``softmax(hidden @ weight.T)`` over a vocab-parallel weight shard.
 
@@ -89,7 +91,6 @@ def linear_logprob(
         tp_group: tensor-parallel group over which the vocabulary is split (None: no split).
         entropy: also return the full-vocabulary entropy of each row (differentiable).
         impl: "auto" | "triton" | "reference" (see :func:`resolve_impl`).
-        deterministic: Triton backward without atomics (bitwise reproducible).
         reduce_hidden_grad: all-reduce the hidden gradient over ``tp_group`` (as megatron's
             column-parallel output layer does); turn off only if the caller reduces it.
         chunk_size, vocab_chunk: the reference's logits block, token rows x vocabulary columns
@@ -97,13 +98,15 @@ def linear_logprob(
             ignored by Triton.
         vocab_size: the tokenizer's vocabulary; ids past it (megatron's padding of the output
             layer) are left out of the softmax and get no gradient.  None: every row counts.
+        grad_chunk_bytes: Triton backward, bytes of the d_logits chunk it keeps alive (default
+            256 MiB, at least one row or column); ignored by the reference.
 
     Returns:
         log p [N] fp32, or (log p [N], entropy [N]) with ``entropy=True``.
     """
     chosen = resolve_impl(impl, hidden, weight)
     return apply_linear_logprob(
-        _backend(chosen, deterministic, chunk_size, vocab_chunk),
+        _backend(chosen, chunk_size, vocab_chunk, grad_chunk_bytes),
         hidden,
         weight,
         targets,
@@ -138,7 +141,7 @@ def information_gain(
     """
     chosen = resolve_impl(impl, h_think, w_policy, h_nothink, w_ema)
     return apply_information_gain(
-        _backend(chosen, True, chunk_size, vocab_chunk),
+        _backend(chosen, chunk_size, vocab_chunk),
         h_think,
         w_policy,
         h_nothink,

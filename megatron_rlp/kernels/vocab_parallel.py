@@ -141,8 +141,9 @@ class Backend(Protocol):
         need_hidden: bool,
         need_weight: bool,
     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(partial hidden grad [N, D], weight grad [V_r, D]), fp32 (or fp64 for fp64 inputs),
-        by blocked recompute; a gradient that is not needed is returned as None."""
+        """(partial hidden grad [N, D], weight grad [V_r, D]), fp32 (or fp64 for fp64 inputs; the
+        weight grad may also come in the weight's dtype), by blocked recompute; a gradient that
+        is not needed is returned as None."""
 
 
 class LinearLogprobFunction(torch.autograd.Function):

@@ -15,6 +15,7 @@ from megatron_rlp.kernels import (
 )
 from megatron_rlp.kernels import vocab_parallel as vp
 from megatron_rlp.kernels.reference import ReferenceBackend, reference_shard_stats
+from megatron_rlp.kernels import triton_linear_logprob as tk
 from megatron_rlp.kernels.triton_linear_logprob import (
     TritonBackend,
     triton_shard_grads,
@@ -71,9 +72,9 @@ def _our_grads(fn, h, w, t, ga, gb=None, **kw):
     return lp.detach(), ent.detach(), hh.grad, ww.grad
 
 
-def _triton(h, w, t, entropy=False, deterministic=True, blocks=SMALL_BLOCKS):
+def _triton(h, w, t, entropy=False, blocks=SMALL_BLOCKS, chunk_bytes=None, splits=None):
     return vp.apply_linear_logprob(
-        TritonBackend(deterministic=deterministic, blocks=blocks), h, w, t, None, entropy
+        TritonBackend(blocks=blocks, chunk_bytes=chunk_bytes, splits=splits), h, w, t, None, entropy
     )
 
 
@@ -203,16 +204,20 @@ def test_very_large_logits_do_not_overflow():
 # ---------------------------------------------------------------------------- backward
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize(
+    "n,v,chunk_bytes",
+    [(37, 101, None), (37, 101, 37 * 4 * 24), (61, 29, 4 * 29 * 9)],
+    ids=["one-chunk", "vocab-chunks", "row-chunks"],
+)
 @pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp+entropy"])
-def test_triton_backward_matches_autograd(deterministic, with_entropy):
-    n, d, v = 37, 40, 101
+def test_triton_backward_matches_autograd(n, v, chunk_bytes, with_entropy):
+    d = 40
     h, w, t = _inputs(n, d, v, ignore_rows=(2, 30))
     g = torch.Generator().manual_seed(1)
     ga = torch.randn(n, generator=g)
     gb = torch.randn(n, generator=g) if with_entropy else None
     def fn(hh, ww, tt, **kw):
-        return _triton(hh, ww, tt, deterministic=deterministic, **kw)
+        return _triton(hh, ww, tt, chunk_bytes=chunk_bytes, **kw)
 
     _, _, gh, gw = _our_grads(fn, h, w, t, ga, gb)
     eh, ew = _naive_grads(h, w, t, ga, gb)
@@ -396,6 +401,183 @@ def test_shard_stats_merge_equals_full_vocabulary(impl):
     assert torch.all(stats[1][in0, 1] == 0) and torch.all(stats[0][~in0, 1] == 0)
 
 
+# ---------------------------------------------------------------------------- vocabulary splits
+
+
+def _split_edges(v, splits, block_v=16):
+    """First column of every non-empty split (the kernel's rule: whole BLOCK_V tiles)."""
+    tiles = -(-v // block_v)
+    per = -(-tiles // splits) * block_v
+    return list(range(0, v, per))
+
+
+@pytest.mark.parametrize("splits", [2, 3, 9], ids=["2", "3", "9-with-empty-splits"])
+def test_vocab_split_forward_matches_unsplit(splits):
+    """Forward over vocabulary splits (scoring calls) merged by log-sum-exp == one pass, with
+    targets on both sides of every split boundary and ignored rows."""
+    n, d, v = 11, 24, 101  # 7 tiles of 16 columns: 9 splits leave two of them empty
+    h, w, t = _inputs(n, d, v, seed=11, ignore_rows=(4,))
+    edges = _split_edges(v, splits)
+    assert len(edges) == min(splits, 7) and len(edges) > 1
+    boundary = [c for e in edges[1:] for c in (e - 1, e)]
+    t[: len(boundary)] = torch.tensor(boundary[:n])
+    t[4] = IGNORE
+    one = triton_shard_stats(h, w, vp.local_targets(t, 0, v, IGNORE)[0], True, SMALL_BLOCKS, splits=1)
+    split = triton_shard_stats(h, w, vp.local_targets(t, 0, v, IGNORE)[0], True, SMALL_BLOCKS, splits=splits)
+    assert split.shape == (n, 3) and torch.isfinite(split).all()
+    _close(split, one, atol=1e-5)
+    lp, ent = _triton(h, w, t, entropy=True, splits=splits)
+    elp, eent = _naive(h, w, t, entropy=True)
+    _close(lp, elp, atol=2e-5)
+    _close(ent, eent, atol=2e-5)
+    assert lp[4] == 0 and ent[4] == 0
+
+
+def test_vocab_splits_inside_tensor_parallel_shards():
+    """Two TP shards, each split in three with a boundary inside it, merged twice (splits, then
+    shards) == the full vocabulary; the split partial of the target is reported exactly once."""
+    n, d, v, world = 9, 16, 86, 2  # shard of 43 columns: tiles at 0, 16, 32 of each shard
+    h, w, t = _inputs(n, d, v, seed=12, ignore_rows=(0,))
+    shard = v // world
+    t[1:7] = torch.tensor([15, 16, 42, 43, 43 + 31, 43 + 32])  # both sides of split / shard edges
+    stats = []
+    for r in range(world):
+        lt, _ = vp.local_targets(t, r * shard, shard, IGNORE)
+        stats.append(triton_shard_stats(h, w[r * shard:(r + 1) * shard], lt, True, SMALL_BLOCKS, splits=3))
+    lse, tgt, ent = vp.merge_shard_stats(torch.stack(stats), entropy=True)
+    elp, eent = _naive(h, w, t, entropy=True)
+    keep = t != IGNORE
+    _close((tgt - lse)[keep], elp[keep], atol=2e-5)
+    _close(ent[keep], eent[keep], atol=2e-5)
+    logits = h.double() @ w.double().t()
+    _close(tgt[keep], logits[keep].gather(1, t[keep, None]).squeeze(1), atol=1e-5)
+
+
+def test_default_split_choice_fills_the_gpu_for_scoring_calls():
+    # RLP scoring shapes: hundreds of rows over a 151936 vocabulary (TP 1 and 8)
+    for n, v in ((256, 151936), (512, 151936 // 8), (100, 151936 // 4)):
+        splits = tk.vocab_splits(n, v, sms=132)
+        assert splits > 1 and -(-n // tk.SPLIT_ROW_BLOCK) * splits >= 132
+        assert v // splits >= tk.MIN_SPLIT_COLS
+    assert tk.vocab_splits(65536, 151936, sms=132) == 1  # training shapes: rows fill the GPU
+    assert tk.vocab_splits(8, 600, sms=132) == 1  # too few columns to split
+    # and the default path takes it: 3 interpreter tiles of 512 columns in 2 splits
+    n, d, v = 5, 16, 1100
+    assert tk.vocab_splits(n, v) == 2
+    h, w, t = _inputs(n, d, v, seed=13)
+    t[0], t[1] = 1023, 1024  # last column of split 0, first of split 1
+    lp, ent = linear_logprob(h, w, t, entropy=True, impl="triton")
+    elp, eent = _naive(h, w, t, entropy=True)
+    _close(lp, elp, atol=2e-5)
+    _close(ent, eent, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------- chunked backward
+
+
+def _spy_chunks(monkeypatch):
+    """Record (shape, dtype, bytes) of every d_logits chunk the backward writes."""
+    seen = []
+    real = tk.dlogits_chunk
+
+    def spy(*args, **kwargs):
+        dz = real(*args, **kwargs)
+        seen.append((tuple(dz.shape), dz.dtype, dz.numel() * dz.element_size()))
+        return dz
+
+    monkeypatch.setattr(tk, "dlogits_chunk", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "n,v,budget_elems,axis_chunks",
+    [(45, 20, 7 * 20, ("rows", 7)), (13, 50, 13 * 12, ("vocab", 5))],
+    ids=["row-chunks", "vocab-chunks"],
+)
+def test_chunked_backward_bounds_the_chunk_and_matches_autograd(monkeypatch, n, v, budget_elems, axis_chunks):
+    """Several chunks, the last one ragged; each within the byte budget; logp + entropy grads."""
+    d = 16
+    h, w, t = _inputs(n, d, v, seed=14, ignore_rows=(1, n - 1))
+    g = torch.Generator().manual_seed(15)
+    ga, gb = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    seen = _spy_chunks(monkeypatch)
+    budget = budget_elems * 4 + 3  # fp32; not a multiple of a row or column
+    fn = lambda hh, ww, tt, **kw: _triton(hh, ww, tt, chunk_bytes=budget, **kw)  # noqa: E731
+    _, _, gh, gw = _our_grads(fn, h, w, t, ga, gb)
+    eh, ew = _naive_grads(h, w, t, ga, gb)
+    _close(gh, eh, atol=2e-5)
+    _close(gw, ew, atol=2e-5)
+    axis, chunks = axis_chunks
+    assert len(seen) == chunks
+    assert all(nbytes <= budget and dtype == torch.float32 for _, dtype, nbytes in seen)
+    spans = [s[0] if axis == "rows" else s[1] for s, _, _ in seen]
+    assert sum(spans) == (n if axis == "rows" else v) and spans[-1] < spans[0]
+    # a budget below one row still makes progress, one row (or column) at a time
+    seen.clear()
+    tk.triton_shard_grads(h, w, t.clamp(min=0), torch.zeros(n), None, ga, None, blocks=SMALL_BLOCKS, chunk_bytes=1)
+    assert len(seen) == max(n, v) and all(s[0] * s[1] == min(n, v) for s, _, _ in seen)
+
+
+def _exact_dlogits(h, w, t, ga, gb):
+    """fp64 d loss / d logits of (ga . log p + gb . H) on the given (bf16-rounded) numbers."""
+    z = (h.double() @ w.double().t()).requires_grad_()
+    logp_all = torch.log_softmax(z, -1)
+    lp = logp_all.gather(1, t[:, None]).squeeze(1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    (lp * ga.double() + ent * gb.double()).sum().backward()
+    return z.grad
+
+
+@pytest.mark.parametrize("n,v", [(48, 20), (12, 70)], ids=["row-chunks", "vocab-chunks"])
+def test_bf16_dlogits_chunks_and_fp32_accumulation(monkeypatch, n, v):
+    """bf16 inputs: each d_logits chunk is the exact d_logits rounded to nearest bf16 (what cuBLAS
+    gets on a GPU; logits rounded to bf16, a truncating cast or an fp32 chunk all fail this), and
+    the gradient summed over the chunks (here one row / column each) is accumulated in fp32: its
+    error against the same sum in fp64 stays at bf16 rounding, where a bf16 running sum (cuBLAS
+    beta=1 into a bf16 gradient) is twice as far off."""
+    d = 32
+    h, w, t = _inputs(n, d, v, dtype=torch.bfloat16, scale=4.0, seed=16)  # logits of order 4
+    ga = torch.linspace(-1.0, 1.0, n)
+    gb = torch.linspace(0.5, -0.3, n)
+    seen = []
+    real = tk.dlogits_chunk
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(tk, "dlogits_chunk", spy)
+    fn = lambda hh, ww, tt, **kw: _triton(hh, ww, tt, chunk_bytes=2 * min(n, v), **kw)  # noqa: E731
+    _, _, gh, gw = _our_grads(fn, h, w, t, ga, gb)
+    assert len(seen) == max(n, v) and all(c.dtype == torch.bfloat16 for c in seen)
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    exact = _exact_dlogits(h, w, t, ga, gb)
+    dz = torch.cat(seen, dim=0 if n > v else 1)
+    rounded = exact.to(torch.bfloat16)
+    # fp32 vs fp64 arithmetic may flip a rounding tie-break now and then, never more than 1 ulp
+    ulp = rounded.double().abs() * 2.0**-7
+    assert ((dz.double() - rounded.double()).abs() <= ulp).all()
+    assert (dz != rounded).float().mean() < 0.01
+    # gradients against the fp64 products of the rounded d_logits
+    dzr = rounded.double()
+    want_h, want_w = dzr @ w.double(), dzr.t() @ h.double()
+
+    def rel_err(x, ref):
+        return float((x.double() - ref).norm() / ref.norm())
+
+    bound = 3.5e-3  # measured: 1.6e-3 .. 2.7e-3 for this path (final bf16 rounding included)
+    assert rel_err(gh, want_h) < bound and rel_err(gw, want_w) < bound
+    summed, terms = (want_w, [dzr[r:r + 1].t() @ h[r:r + 1].double() for r in range(n)]) if n > v else (
+        want_h, [dzr[:, c:c + 1] @ w[c:c + 1].double() for c in range(v)])
+    running = torch.zeros_like(summed).to(torch.bfloat16)
+    for term in terms:
+        running = (running.double() + term).to(torch.bfloat16)
+    assert rel_err(running, summed) > bound  # the bound does tell the two apart
+    # and against the fp64 autograd gradient itself (d_logits rounding included)
+    eh, ew = _naive_grads(h, w, t, ga, gb)
+    assert rel_err(gh, eh) < 5e-3 and rel_err(gw, ew) < 5e-3
+
+
 # ---------------------------------------------------------------------------- information gain
 
 
@@ -422,6 +604,22 @@ def test_information_gain_bf16_policy_fp32_ema():
     expected = _naive(h1, w1, t) - _naive(h2, w2, t)
     for impl in ("triton", "reference"):
         _close(information_gain(h1, w1, h2, w2, t, impl=impl), expected, atol=5e-5)
+
+
+def test_benchmark_counts_8ndv_and_knows_the_bf16_peaks():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "bench_logprob.py")
+    spec = importlib.util.spec_from_file_location("bench_logprob", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.COUNTED_FLOPS == {"fwd": 2, "fwd+bwd": 8, "score": 2}
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+                       ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0)]:
+        assert bench.bf16_peak(name)[0] == peak, name
+    assert bench.bf16_peak("cpu")[0] is None and bench.bf16_peak("Some GPU")[0] is None
+    assert bench.bf16_peak("Some GPU", 500.0)[0] == 500.0
 
 
 # ---------------------------------------------------------------------------- dispatch
