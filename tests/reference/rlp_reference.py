@@ -346,13 +346,14 @@ def reference_prefix_match(predicted: Sequence[Sequence[int]], continuation: Seq
     return [1.0 if [int(x) for x in p] == [int(x) for x in continuation] else 0.0 for p in predicted]
 
 
-def reference_entropy(model: nn.Module, context: Sequence[int], vocab_size: Optional[int] = None) -> float:
-    """Entropy of p(· | context) over the tokenizer's ids (nats)."""
-    logits = model(torch.as_tensor(list(context), dtype=torch.long))[-1].float()
+def reference_entropies(model: nn.Module, tokens: Sequence[int], vocab_size: Optional[int] = None) -> list[float]:
+    """[len]: entry j is the entropy (nats) of p(· | tokens[: j + 1]) over the tokenizer's ids."""
+    with torch.no_grad():
+        logits = model(torch.as_tensor(list(tokens), dtype=torch.long)).float()
     if vocab_size is not None:
-        logits = logits[:vocab_size]
+        logits = logits[:, :vocab_size]
     logp = torch.log_softmax(logits, dim=-1)
-    return float(-(logp.exp() * logp).sum())
+    return (-(logp.exp() * logp).sum(dim=-1)).tolist()
 
 
 def reference_advantages(rewards: Sequence[float]) -> list[float]:

@@ -280,7 +280,7 @@ def test_entropy_filter_picks_uncertain_positions_every_batch(corpus):
     import math
 
     from rlp_parity import MarkerTokenizer
-    from reference.rlp_reference import reference_entropy
+    from reference.rlp_reference import reference_entropies
     from rlp_parity import run_parity
 
     frac = 0.25
@@ -294,7 +294,8 @@ def test_entropy_filter_picks_uncertain_positions_every_batch(corpus):
     for doc, pos in zip(docs, positions):
         last = min(len(doc) - 1, objective.max_context)
         cands = list(range(objective.config.rlp_min_context, last + 1))
-        ent = {t: reference_entropy(ref["model_at_start"], doc[:t].tolist(), MarkerTokenizer.vocab_size) for t in cands}
+        per_prefix = reference_entropies(ref["model_at_start"], doc[:last].tolist(), MarkerTokenizer.vocab_size)
+        ent = {t: per_prefix[t - 1] for t in cands}  # H(p(· | x_<t))
         keep = max(math.ceil(frac * len(cands)), 2)
         threshold = sorted(ent.values(), reverse=True)[keep - 1]
         assert all(ent[t] >= threshold - 1e-4 for t in pos), (pos, ent)
