@@ -697,10 +697,14 @@ class RLPObjective:
         """
         c = self.config
         g, n = c.rlp_num_thoughts, num_tokens
+        # Rows are built on the host (the sampler's tensors may be on the GPU: one copy, not one
+        # synchronizing read per thought).
+        doc_index, position, closed_tokens, closed_lengths = (
+            x.cpu() for x in (doc_index, position, closed_tokens, closed_lengths))
         contexts, _, width_l = closed_tokens.shape
         fed = torch.full((contexts, g, width_l + n - 1), self.pad_id, dtype=torch.int64)
-        fed[..., :width_l] = closed_tokens.cpu()
-        fed_len = closed_lengths.cpu() + (n - 1)
+        fed[..., :width_l] = closed_tokens
+        fed_len = closed_lengths + (n - 1)
         for i in range(contexts):
             doc, t = documents[int(doc_index[i])], int(position[i])
             for j in range(g):
@@ -708,7 +712,7 @@ class RLPObjective:
                 fed[i, j, m : m + n - 1] = doc[t : t + n - 1]
         shared = self.update_layout == "shared"
         build = build_shared_sequences if shared else build_update_sequences
-        row_len = position.cpu() + ((fed_len + 1).sum(dim=1) if shared else fed_len.max(dim=1).values + 1)
+        row_len = position + ((fed_len + 1).sum(dim=1) if shared else fed_len.max(dim=1).values + 1)
         multiple = _sequence_multiple(self.models[0])
         one_shape = parallel_state.get_pipeline_model_parallel_world_size() > 1
         per_mb = self.micro_batch_size * c.rlp_positions_per_doc
