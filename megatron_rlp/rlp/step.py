@@ -3,9 +3,12 @@
 Before the pipeline schedule (:meth:`RLPObjective.microbatches`):
   1. windows of documents from the stream; k positions t per window with
      --rlp-min-context <= t <= --seq-length − --rlp-thought-len − 2 (or from --rlp-positions-file),
-     so that every row (x_<t, <think>, c, </think> | x_t) has at most --seq-length input tokens;
+     so that every row (x_<t, <think>, c, </think> | x_t) has at most --seq-length input tokens
+     (prefix-match with N tokens: N − 1 fewer, and x_t..x_{t+N−1} inside the window);
   2. the no-think baseline S_ema = log p̄_φ(x_t | x_<t): one EMA-teacher forward per window,
-     teacher-forced, every --rlp-baseline-interval batches (monitoring only, see below);
+     teacher-forced, every --rlp-baseline-interval batches (monitoring only, see below); with
+     --rlp-position-filter entropy every batch, before step 1's draw, scoring every candidate's
+     next-token entropy so the k positions come from the top --rlp-entropy-top-frac;
   3. G thoughts per position from the current policy (θ_old = θ) with the KV-cache sampler;
   4. update sequences: by default (--rlp-update-layout shared) one packed row per context, x_<t once
      and its G branches (<think>, c_i, </think>) after it, attended as G paths (x_<t, <think>, c_i,
@@ -13,18 +16,22 @@ Before the pipeline schedule (:meth:`RLPObjective.microbatches`):
      with --rlp-update-layout rows one row (x_<t, <think>, c_i, </think>, x_t) per thought.  Either
      way all G branches of a context sit in the same micro-batch, and each micro-batch is padded to
      its own widest row (to the step's under pipeline parallelism: one activation shape).
+  5. --rlp-reward prefix-match: the policy's predictions of the next N tokens after each thought
+     (:meth:`RLPObjective.sample_predictions`, or an injected prediction source).
 Inside the schedule (:meth:`forward_step` / :func:`rlp_loss_func`, last pipeline stage):
-  5. one forward gives, through the fused linear log-prob kernel, S_pred = log p_θ(x_t | …, c_i)
+  6. one forward gives, through the fused linear log-prob kernel, S_pred = log p_θ(x_t | …, c_i)
      (detached, T = 1) and the log-probs of the sampled thought tokens (with grad) under the
      policy that drew them, softmax(logits / T) (T = 1 with --rlp-untempered-ratio);
-  6. rewards r = S_pred − S_ema, advantages A = G/(G−1)(r − r̄), the clipped surrogate over the
+  7. rewards r = S_pred − S_ema (info-gain) or 1/0 for a matching prediction (prefix-match,
+     megatron_rlp.rlp.rewards), advantages A = G/(G−1)(r − r̄), the clipped surrogate over the
      sampled thought tokens only (a forced close gets no gradient).
 After the optimizer step (:meth:`after_optimizer_step`):
-  7. EMA: φ ← τφ + (1 − τ)θ.
+  8. EMA: φ ← τφ + (1 − τ)θ.
 
 S_ema is the same for all G thoughts of a context, so it cancels from r − r̄: the advantages are
 computed from S_pred alone, which makes the update bitwise independent of the teacher; the
-teacher forward only feeds the reported reward.  With --rlp-updates-per-batch U > 1 one sampled
+teacher forward only feeds the reported reward (and, under the entropy filter, which positions
+are drawn).  With --rlp-updates-per-batch U > 1 one sampled
 batch serves U optimizer steps: the first pass fixes log π_θold and the advantages.
 """
 
