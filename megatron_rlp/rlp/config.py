@@ -111,6 +111,17 @@ def validate_rlp_config(c: RLPConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    # Flags that only act with another one: silently training something else would be worse.
+    if c.rlp_reward != "prefix-match" and c.rlp_reward_match_tokens != 1:
+        raise ValueError(
+            f"--rlp-reward-match-tokens {c.rlp_reward_match_tokens} applies to --rlp-reward prefix-match "
+            f"(this run's reward is {c.rlp_reward}); add --rlp-reward prefix-match or drop the flag"
+        )
+    if c.rlp_position_filter != "entropy" and c.rlp_entropy_top_frac != RLPConfig.rlp_entropy_top_frac:
+        raise ValueError(
+            f"--rlp-entropy-top-frac {c.rlp_entropy_top_frac} applies to --rlp-position-filter entropy "
+            f"(this run's filter is {c.rlp_position_filter}); add --rlp-position-filter entropy or drop the flag"
+        )
     if c.rlp_temperature == 0 and not c.rlp_untempered_ratio:
         raise ValueError(
             "--rlp-temperature 0 (greedy) has no sampling distribution to score thoughts under "

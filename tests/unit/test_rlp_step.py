@@ -315,7 +315,17 @@ def test_entropy_filter_picks_uncertain_positions_every_batch(corpus):
 ])
 def test_invalid_reward_flags_are_rejected(field, value, flag):
     with pytest.raises(ValueError, match=flag):
-        validate_rlp_config(RLPConfig(**{field: value}))
+        validate_rlp_config(RLPConfig(**{field: value, "rlp_reward": "prefix-match", "rlp_position_filter": "entropy"}
+                                      if field.endswith(("tokens", "frac")) else {field: value}))
+
+
+def test_reward_flags_without_their_mode_are_rejected():
+    with pytest.raises(ValueError, match="--rlp-reward-match-tokens 3 applies to --rlp-reward prefix-match"):
+        validate_rlp_config(RLPConfig(rlp_reward_match_tokens=3))
+    with pytest.raises(ValueError, match="--rlp-entropy-top-frac 0.2 applies to --rlp-position-filter entropy"):
+        validate_rlp_config(RLPConfig(rlp_entropy_top_frac=0.2))
+    validate_rlp_config(RLPConfig(rlp_reward="prefix-match", rlp_reward_match_tokens=3,
+                                  rlp_position_filter="entropy", rlp_entropy_top_frac=0.2))
 
 
 @pytest.mark.parametrize("flag,value", [("--rlp-reward", "rpt"), ("--rlp-position-filter", "high-entropy")])
