@@ -94,7 +94,7 @@ class Recorder:
 
 def build_objective(prefix: str, tp: int = 1, pp: int = 1, global_batch: int = 4, iters: int = 3,
                     positions_file: str | None = None, positions_per_doc: int = 2, thought_source=None,
-                    seq_length: int = SEQ_LENGTH, shuffle: bool = False):
+                    seq_length: int = SEQ_LENGTH, shuffle: bool = False, rlp_overrides=None):
     """A tiny RLP run at --seq-length ``seq_length`` over the long corpus; returns (state, objective, recorder)."""
     from megatron_rlp.data.documents import DocumentStream, open_indexed_dataset
     from megatron_rlp.rlp.config import RLPConfig
@@ -112,7 +112,7 @@ def build_objective(prefix: str, tp: int = 1, pp: int = 1, global_batch: int = 4
     state = loop.setup(run, loop.resolve_preset(run.model))
     stream = DocumentStream(open_indexed_dataset(prefix), state.preset.vocab_size, seed=5, shuffle=shuffle)
     config = RLPConfig(rlp_num_thoughts=2, rlp_thought_len=THOUGHT_LEN, rlp_positions_per_doc=positions_per_doc,
-                       rlp_min_context=MIN_CONTEXT, rlp_positions_file=positions_file)
+                       rlp_min_context=MIN_CONTEXT, rlp_positions_file=positions_file, **(rlp_overrides or {}))
     recorder = Recorder(thought_source or sample_thoughts)
     objective = RLPObjective(config, state, MarkerTokenizer(), stream, thought_source=recorder)
     recorder.attach(objective)

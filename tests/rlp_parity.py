@@ -6,6 +6,7 @@ weights (layout-invariant init), Adam without weight decay or clipping on both s
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch.distributed as dist
@@ -89,12 +90,38 @@ class GivenThoughtSource:
         )
 
 
+class GivenPredictionSource:
+    """A prefix-match prediction source with fixed answers: after thought i of context n the
+    prediction is, by (n + i) mod 3, the text's continuation (reward 1), the continuation with its
+    last token changed (reward 0; for N > 1 the first N − 1 tokens still match), or with its first
+    token changed (reward 0).  Every group of G = 3 has one match: the advantages are not 0."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, documents, doc_index, position, closed_tokens, closed_lengths, num_tokens, temperature, seed):
+        n, g = closed_lengths.shape
+        out = torch.zeros(n, g, num_tokens, dtype=torch.int64)
+        for c in range(n):
+            cont = documents[int(doc_index[c])][int(position[c]) : int(position[c]) + num_tokens]
+            for i in range(g):
+                pred = cont.clone()
+                kind = (c + i) % 3
+                if kind:
+                    j = num_tokens - 1 if kind == 1 else 0
+                    pred[j] = (pred[j] + 1) % 400
+                out[c, i] = pred
+        self.calls.append({"temperature": temperature, "seed": seed, "num_tokens": num_tokens, "predicted": out})
+        return out
+
+
 def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noise: float = 0.0,
                skip_baseline: bool = False, num_layers: int = 2, first_stage_layers=None,
                last_stage_layers=None, temperature: float = 0.7, untempered_ratio: bool = False,
                logit_scale: float = LOGIT_SCALE, kl_beta: float = 0.0, reference: bool = True,
                iters: int = 1, updates_per_batch: int = 1, layout=None, rlp_overrides=None,
-               with_reference=True, sequence_parallel=False, preset_name="tiny"):
+               with_reference=True, sequence_parallel=False, preset_name="tiny", reward="info-gain",
+               match_tokens=1, predictions="given", position_filter="none", entropy_top_frac=0.5):
     """Returns (megatron results, reference results, local shard of the reference tensors).
     ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers).
     ``temperature``: --rlp-temperature (the reference scores the thought tokens at it, or at 1 with
@@ -105,7 +132,11 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     ``reference=False`` / ``with_reference=False``: the megatron run only (e.g. at DP > 1, which the
     reference does not split, or with the NTP/KL terms it does not model); ``iters`` > 1 and
     ``updates_per_batch`` only then (the reference runs one iteration).  ``layout``:
-    --rlp-update-layout; ``rlp_overrides``: other RLPConfig fields."""
+    --rlp-update-layout; ``rlp_overrides``: other RLPConfig fields.  ``reward``/``match_tokens``:
+    --rlp-reward / --rlp-reward-match-tokens; with prefix-match ``predictions`` "given" injects
+    :class:`GivenPredictionSource`, "sampled" keeps the objective's own sampler, and the reference
+    then draws its own predictions with the same noise (returned as ref["predicted"]).
+    ``position_filter``/``entropy_top_frac``: --rlp-position-filter / --rlp-entropy-top-frac."""
     reference = reference and with_reference
     run = RunConfig()
     run.model.model_preset = preset_name
@@ -126,14 +157,27 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
         rlp_ema_decay=0.9, rlp_clip_low=0.2, rlp_clip_high=0.28,
         rlp_baseline_interval=1000 if skip_baseline else 1, rlp_temperature=temperature,
         rlp_untempered_ratio=untempered_ratio, rlp_kl_beta=kl_beta,
-        rlp_updates_per_batch=updates_per_batch, rlp_update_layout=layout,
+        rlp_updates_per_batch=updates_per_batch, rlp_update_layout=layout, rlp_reward=reward,
+        rlp_reward_match_tokens=match_tokens, rlp_position_filter=position_filter,
+        rlp_entropy_top_frac=entropy_top_frac,
     ), **(rlp_overrides or {})))
     preset = loop.resolve_preset(run.model)
     state = loop.setup(run, preset)
     stream = DocumentStream(open_indexed_dataset(data_prefix), preset.vocab_size, seed=3, shuffle=False)
     thoughts, forced = given_thoughts(4, cap=rlp.rlp_thought_len)
     source = GivenThoughtSource(thoughts, forced, rlp.rlp_thought_len)
-    objective = RLPObjective(rlp, state, MarkerTokenizer(), stream, thought_source=source)
+    given = GivenPredictionSource() if reward == "prefix-match" and predictions == "given" else None
+    objective = RLPObjective(rlp, state, MarkerTokenizer(), stream, thought_source=source, prediction_source=given)
+    prediction_calls = []
+    if reward == "prefix-match" and predictions == "sampled":
+        sample = objective.prediction_source
+
+        def recorded(*args, **kwargs):
+            out = sample(*args, **kwargs)
+            prediction_calls.append(dict(kwargs, predicted=out))
+            return out
+
+        objective.prediction_source = recorded
     model = unwrap_model(state.model[0])
     if model.post_process and logit_scale != 1.0:
         final_norm = getattr(model.decoder, "final_layernorm", None) or getattr(model.decoder, "final_norm", None)
@@ -171,6 +215,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
         "history": history[0],
         "all_history": history,
         "source": source,  # the contexts it was asked for and the thoughts it gave
+        "prediction_calls": given.calls if given is not None else prediction_calls,
+        "objective": objective,
         "preset": preset,
         "last_stage": state.model[0].module.post_process if hasattr(state.model[0].module, "post_process") else model.post_process,
     }
@@ -186,18 +232,31 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     ref = RefDecoderLM(cfg)
     load_from_megatron_state_dict(ref, full, num_query_groups=preset.num_query_groups,
                                   num_heads=preset.num_attention_heads, head_dim=preset.kv_channels)
+    ref_at_start = copy.deepcopy(ref)  # θ_0 (= φ at the first batch), before the reference's step
     optimizer = torch.optim.SGD(ref.parameters(), lr=LR)
     docs, positions = source.calls[0]
-    contexts, next_tokens = [], []
+    contexts, next_tokens, continuations = [], [], []
     for d, pos in zip(docs, positions):
         for p in pos:
             contexts.append(d[:p].tolist())
             next_tokens.append(int(d[p]))
+            continuations.append(d[p : p + match_tokens].tolist())
+    predicted = None
+    if reward == "prefix-match":
+        call = mega["prediction_calls"][0]
+        if predictions == "given":
+            predicted = call["predicted"].tolist()
+        else:
+            predicted = reference_predictions(ref, contexts, thoughts, continuations, call["temperature"], call["seed"])
     out = reference_rlp_iteration(ref, None, optimizer, contexts, thoughts, next_tokens, OPEN, CLOSE, G,
                                   rlp.rlp_clip_low, rlp.rlp_clip_high, rlp.rlp_ema_decay, forced_mask=forced,
                                   vocab_size=MarkerTokenizer.vocab_size,
-                                  temperature=1.0 if untempered_ratio else temperature)
+                                  temperature=1.0 if untempered_ratio else temperature,
+                                  predictions=predicted, continuations=continuations if predicted else None)
     reference = {
+        "model_at_start": ref_at_start,
+        "predicted": predicted,
+        "contexts": contexts,
         "loss": float(out["loss"]),
         "rewards": out["rewards"],
         "advantages": out["advantages"],
@@ -208,6 +267,31 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     }
     parallel.destroy()
     return mega, reference
+
+
+def reference_predictions(ref, contexts, thoughts, continuations, temperature, seed, feed="own"):
+    """The N tokens the reference model draws after each thought and its close marker with the
+    sampler's noise keys: Gumbel-max over softmax(z / T) with the noise of (seed, step j, row n·G + i,
+    token id).  ``feed`` "own": autoregressive decoding (its own earlier predictions fed back);
+    "text": the text's continuation fed instead (teacher forcing)."""
+    from megatron_rlp.sampling import gumbel_noise
+
+    vocab = MarkerTokenizer.vocab_size
+    out = []
+    for n, (ctx, cont) in enumerate(zip(contexts, continuations)):
+        row_preds = []
+        for i, c in enumerate(thoughts[n]):
+            seq = list(ctx) + [OPEN] + list(c) + [CLOSE]
+            pred = []
+            for j in range(len(cont)):
+                before = pred if feed == "own" else list(cont[:j])
+                with torch.no_grad():
+                    z = ref(torch.tensor(seq + before))[-1, :vocab].float()
+                noise = gumbel_noise(seed, j, torch.tensor([n * G + i]), 0, vocab)[0]
+                pred.append(int(torch.argmax(z / temperature + noise)))
+            row_preds.append(pred)
+        out.append(row_preds)
+    return out
 
 
 def _full_state_dict(model, tp, pp, preset, split=None):
@@ -280,7 +364,7 @@ def check_against_reference(mega, ref, check_stage_values=True):
             _close(value, ref[what][name], f"{what} {name}")
 
 
-def run_short_rlp(corpus, preset, tp, pp, tmp_path_factory):
+def run_short_rlp(corpus, preset, tp, pp, tmp_path_factory, rlp_overrides=None):
     from megatron_rlp.rlp.config import RLPConfig
     from megatron_rlp.rlp.step import RLPObjective
     from megatron_rlp.data.documents import DocumentStream, open_indexed_dataset
@@ -302,7 +386,8 @@ def run_short_rlp(corpus, preset, tp, pp, tmp_path_factory):
         run.checkpoint.save, run.checkpoint.load = save, load
         state = loop.setup(run, loop.resolve_preset(run.model))
         stream = DocumentStream(open_indexed_dataset(corpus), state.preset.vocab_size, seed=5)
-        config = RLPConfig(rlp_num_thoughts=2, rlp_thought_len=3, rlp_positions_per_doc=1, rlp_min_context=2)
+        config = RLPConfig(rlp_num_thoughts=2, rlp_thought_len=3, rlp_positions_per_doc=1, rlp_min_context=2,
+                           **(rlp_overrides or {}))
         return state, RLPObjective(config, state, MarkerTokenizer(), stream)
 
     try:
@@ -315,6 +400,9 @@ def run_short_rlp(corpus, preset, tp, pp, tmp_path_factory):
         # The logged iteration's phase timers, the sampler's prefill and decode included.
         assert {"rlp-teacher", "rlp-sampling", "rlp-sampling-prefill", "rlp-sampling-decode", "forward-backward",
                 "optimizer", "rlp-ema"} <= set(history[-1]["timers_ms"])
+        if (rlp_overrides or {}).get("rlp_reward") == "prefix-match":
+            assert "rlp-prediction" in history[-1]["timers_ms"]
+            assert 0 <= history[-1]["rlp/reward_mean"] <= 1 and "rlp/matched_prefix_len" in history[-1]
         assert checkpoint.read_tracker(save) == 2
         saved_teacher = {k: v.clone() for k, v in objective.teacher.state_dict().items()}
         parallel.destroy()

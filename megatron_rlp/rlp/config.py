@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron_rlp.config import option
+from megatron_rlp.rlp.rewards import POSITION_FILTERS, REWARDS
 
 
 @dataclass
@@ -50,6 +52,29 @@ class RLPConfig:
     rlp_think_open: str = option("<think>", "Token that opens a thought.")
     rlp_think_close: str = option("</think>", "Token that closes a thought.")
     rlp_sampler_micro_batch_size: Optional[int] = option(None, "Rows per decode micro-batch in the thought sampler.")
+    rlp_reward: str = option(
+        "info-gain", "The thought's reward.  info-gain: log p_θ(x_t | x_<t, c) − log p̄_φ(x_t | x_<t), the "
+        "paper's.  prefix-match: RPT's sparse reward: after the thought and its close marker the policy "
+        "(θ_old, at --rlp-temperature) samples its prediction of the next --rlp-reward-match-tokens "
+        "tokens; 1 when they equal the text's continuation x_t.., else 0.",
+        choices=["info-gain", "prefix-match"],
+    )
+    rlp_reward_match_tokens: int = option(
+        1, "N for --rlp-reward prefix-match: how many predicted tokens must match x_t..x_{t+N-1}.  "
+        "Positions leave room for them: t + N <= window, and the row (context + open + thought + close "
+        "+ N - 1 continuation tokens) fits in --seq-length."
+    )
+    rlp_position_filter: str = option(
+        "none", "How the k positions of a window are chosen.  none: uniformly among its candidates.  "
+        "entropy: uniformly among the candidates whose EMA teacher's next-token entropy is in the top "
+        "--rlp-entropy-top-frac of the window's (RPT's filter); the teacher then scores every batch, "
+        "whatever --rlp-baseline-interval says.",
+        choices=["none", "entropy"],
+    )
+    rlp_entropy_top_frac: float = option(
+        0.5, "F in (0, 1] for --rlp-position-filter entropy: keep the ceil(F x candidates) positions "
+        "of highest teacher entropy per window (at least --rlp-positions-per-doc of them)."
+    )
     rlp_update_layout: Optional[str] = option(
         None, "How the update lays out a context's G thoughts.  shared: the context once, its G branches "
         "after it in one packed row (shared-prefix attention; each context is computed once).  rows: one "
@@ -73,10 +98,30 @@ def validate_rlp_config(c: RLPConfig) -> None:
         (c.rlp_ntp_weight >= 0.0, f"--rlp-ntp-weight must be >= 0; got {c.rlp_ntp_weight}"),
         (c.rlp_updates_per_batch >= 1, f"--rlp-updates-per-batch must be >= 1; got {c.rlp_updates_per_batch}"),
         (c.rlp_baseline_interval >= 1, f"--rlp-baseline-interval must be >= 1; got {c.rlp_baseline_interval}"),
+        (c.rlp_reward in REWARDS, f"--rlp-reward must be one of {', '.join(REWARDS)}; got {c.rlp_reward!r}"),
+        (c.rlp_position_filter in POSITION_FILTERS,
+         f"--rlp-position-filter must be one of {', '.join(POSITION_FILTERS)}; got {c.rlp_position_filter!r}"),
+        (c.rlp_reward_match_tokens >= 1,
+         f"--rlp-reward-match-tokens must be >= 1 (the number of predicted tokens that must match the "
+         f"text); got {c.rlp_reward_match_tokens}"),
+        (0.0 < c.rlp_entropy_top_frac <= 1.0,
+         f"--rlp-entropy-top-frac must lie in (0, 1] (1 keeps every candidate position); got "
+         f"{c.rlp_entropy_top_frac}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    # Flags that only act with another one: silently training something else would be worse.
+    if c.rlp_reward != "prefix-match" and c.rlp_reward_match_tokens != 1:
+        raise ValueError(
+            f"--rlp-reward-match-tokens {c.rlp_reward_match_tokens} applies to --rlp-reward prefix-match "
+            f"(this run's reward is {c.rlp_reward}); add --rlp-reward prefix-match or drop the flag"
+        )
+    if c.rlp_position_filter != "entropy" and c.rlp_entropy_top_frac != RLPConfig.rlp_entropy_top_frac:
+        raise ValueError(
+            f"--rlp-entropy-top-frac {c.rlp_entropy_top_frac} applies to --rlp-position-filter entropy "
+            f"(this run's filter is {c.rlp_position_filter}); add --rlp-position-filter entropy or drop the flag"
+        )
     if c.rlp_temperature == 0 and not c.rlp_untempered_ratio:
         raise ValueError(
             "--rlp-temperature 0 (greedy) has no sampling distribution to score thoughts under "
@@ -101,11 +146,17 @@ def resolve_update_layout(layout: Optional[str], family: str) -> str:
     return layout
 
 
-def longest_context(seq_length: int, thought_len: int) -> int:
+def longest_context(seq_length: int, thought_len: int, target_tokens: int = 1) -> int:
     """The longest context x_<t an RLP row of ``seq_length`` input tokens has room for: the row's
     inputs are x_<t, the open marker, up to ``thought_len`` thought tokens and the close marker
-    (x_t is the last label, as the (seq_length + 1)-th token of a next-token sample is)."""
-    return seq_length - thought_len - 2
+    (x_t is the last label, as the (seq_length + 1)-th token of a next-token sample is), and with
+    ``target_tokens`` N > 1 (prefix-match) the continuation x_t..x_{t+N−2} fed after the close."""
+    return seq_length - thought_len - 2 - (target_tokens - 1)
+
+
+def target_tokens_of(c: RLPConfig) -> int:
+    """Tokens of the text after x_<t that a position needs: x_t, or x_t..x_{t+N−1} for prefix-match."""
+    return c.rlp_reward_match_tokens if c.rlp_reward == "prefix-match" else 1
 
 
 def validate_rlp_lengths(
@@ -115,9 +166,11 @@ def validate_rlp_lengths(
     min_context: int,
     thought_flag: str = "--rlp-thought-len",
     context_flag: str = "--rlp-min-context",
+    target_tokens: int = 1,
 ) -> None:
     """--seq-length is the budget of every RLP row: it must hold the shortest context, the
-    markers and a whole thought, and the model must take sequences that long."""
+    markers and a whole thought (and, for prefix-match with ``target_tokens`` N > 1, the N − 1
+    continuation tokens fed after the close), and the model must take sequences that long."""
     if seq_length > max_position_embeddings:
         raise ValueError(
             f"--seq-length {seq_length} exceeds the model's maximum sequence length "
@@ -129,6 +182,31 @@ def validate_rlp_lengths(
             f"tokens + the open marker + {thought_flag} {thought_len} thought tokens + the close marker "
             f"= {min_context + thought_len + 2} input tokens (x_t is the last label); raise --seq-length "
             f"to at least {min_context + thought_len + 2} or lower {thought_flag} / {context_flag}"
+        )
+    if longest_context(seq_length, thought_len, target_tokens) < min_context:
+        need = min_context + thought_len + 2 + target_tokens - 1
+        raise ValueError(
+            f"--rlp-reward-match-tokens {target_tokens} is too long for --seq-length {seq_length}: a "
+            f"prefix-match row feeds {context_flag} {min_context} context tokens + the open marker + "
+            f"{thought_flag} {thought_len} thought tokens + the close marker + {target_tokens - 1} "
+            f"continuation tokens = {need} input tokens; lower --rlp-reward-match-tokens to at most "
+            f"{seq_length - thought_len - 1 - min_context}, or raise --seq-length to {need}"
+        )
+
+
+def validate_position_filter(c: RLPConfig, max_context: int) -> None:
+    """--rlp-entropy-top-frac must leave at least k = --rlp-positions-per-doc candidates in a full
+    window (``max_context`` − --rlp-min-context + 1 candidates)."""
+    if c.rlp_position_filter != "entropy":
+        return
+    candidates = max_context - c.rlp_min_context + 1
+    kept = math.ceil(c.rlp_entropy_top_frac * candidates - 1e-9)
+    if kept < c.rlp_positions_per_doc:
+        raise ValueError(
+            f"--rlp-entropy-top-frac {c.rlp_entropy_top_frac} keeps {kept} of the {candidates} candidate "
+            f"positions of a full window, fewer than --rlp-positions-per-doc {c.rlp_positions_per_doc}; "
+            f"raise --rlp-entropy-top-frac to at least {c.rlp_positions_per_doc / candidates:.4g} or lower "
+            f"--rlp-positions-per-doc"
         )
 
 

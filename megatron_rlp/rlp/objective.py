@@ -18,6 +18,10 @@ never in the mask.
 The thought tokens' log-probabilities are those of the policy that sampled them (the step takes
 them under softmax(logits / T)); S_pred is the data token's at T = 1.
 
+The RPT-style alternative reward (--rlp-reward prefix-match) and the entropy position filter are
+in :mod:`megatron_rlp.rlp.rewards`; the reward has the information gain's shapes and feeds the same
+group advantages and surrogate.
+
 How this differs from the paper: nothing in the default path.  ``kl_weight`` and ``ntp_weight``
 (both 0 by default) add terms the paper does not use (the spec notes that a KL term was ablated
 and hurt); they exist for experiments only.

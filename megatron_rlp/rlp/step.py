@@ -3,9 +3,12 @@
 Before the pipeline schedule (:meth:`RLPObjective.microbatches`):
   1. windows of documents from the stream; k positions t per window with
      --rlp-min-context <= t <= --seq-length − --rlp-thought-len − 2 (or from --rlp-positions-file),
-     so that every row (x_<t, <think>, c, </think> | x_t) has at most --seq-length input tokens;
+     so that every row (x_<t, <think>, c, </think> | x_t) has at most --seq-length input tokens
+     (prefix-match with N tokens: N − 1 fewer, and x_t..x_{t+N−1} inside the window);
   2. the no-think baseline S_ema = log p̄_φ(x_t | x_<t): one EMA-teacher forward per window,
-     teacher-forced, every --rlp-baseline-interval batches (monitoring only, see below);
+     teacher-forced, every --rlp-baseline-interval batches (monitoring only, see below); with
+     --rlp-position-filter entropy every batch, before step 1's draw, scoring every candidate's
+     next-token entropy so the k positions come from the top --rlp-entropy-top-frac;
   3. G thoughts per position from the current policy (θ_old = θ) with the KV-cache sampler;
   4. update sequences: by default (--rlp-update-layout shared) one packed row per context, x_<t once
      and its G branches (<think>, c_i, </think>) after it, attended as G paths (x_<t, <think>, c_i,
@@ -13,18 +16,22 @@ Before the pipeline schedule (:meth:`RLPObjective.microbatches`):
      with --rlp-update-layout rows one row (x_<t, <think>, c_i, </think>, x_t) per thought.  Either
      way all G branches of a context sit in the same micro-batch, and each micro-batch is padded to
      its own widest row (to the step's under pipeline parallelism: one activation shape).
+  5. --rlp-reward prefix-match: the policy's predictions of the next N tokens after each thought
+     (:meth:`RLPObjective.sample_predictions`, or an injected prediction source).
 Inside the schedule (:meth:`forward_step` / :func:`rlp_loss_func`, last pipeline stage):
-  5. one forward gives, through the fused linear log-prob kernel, S_pred = log p_θ(x_t | …, c_i)
+  6. one forward gives, through the fused linear log-prob kernel, S_pred = log p_θ(x_t | …, c_i)
      (detached, T = 1) and the log-probs of the sampled thought tokens (with grad) under the
      policy that drew them, softmax(logits / T) (T = 1 with --rlp-untempered-ratio);
-  6. rewards r = S_pred − S_ema, advantages A = G/(G−1)(r − r̄), the clipped surrogate over the
+  7. rewards r = S_pred − S_ema (info-gain) or 1/0 for a matching prediction (prefix-match,
+     megatron_rlp.rlp.rewards), advantages A = G/(G−1)(r − r̄), the clipped surrogate over the
      sampled thought tokens only (a forced close gets no gradient).
 After the optimizer step (:meth:`after_optimizer_step`):
-  7. EMA: φ ← τφ + (1 − τ)θ.
+  8. EMA: φ ← τφ + (1 − τ)θ.
 
 S_ema is the same for all G thoughts of a context, so it cancels from r − r̄: the advantages are
 computed from S_pred alone, which makes the update bitwise independent of the teacher; the
-teacher forward only feeds the reported reward.  With --rlp-updates-per-batch U > 1 one sampled
+teacher forward only feeds the reported reward (and, under the entropy filter, which positions
+are drawn).  With --rlp-updates-per-batch U > 1 one sampled
 batch serves U optimizer steps: the first pass fixes log π_θold and the advantages.
 """
 
@@ -47,10 +54,11 @@ from megatron_rlp.data.documents import Cursor, DataError, Window
 from megatron_rlp.kernels import linear_logprob
 from megatron_rlp.rlp.config import (
     RLPConfig, longest_context, policy_inverse_temperature, resolve_markers, resolve_update_layout,
-    validate_rlp_config, validate_rlp_lengths,
+    target_tokens_of, validate_position_filter, validate_rlp_config, validate_rlp_lengths,
 )
 from megatron_rlp.rlp.ema import EMATeacher
 from megatron_rlp.rlp.objective import group_advantages, rlp_loss
+from megatron_rlp.rlp.rewards import entropy_filtered_candidates, matched_prefix_length, prefix_match_reward
 from megatron_rlp import platform
 from megatron_rlp.training.checkpoint import unwrap_model
 from megatron_rlp.training.cost_model import IterationCost, PhaseCost, rlp_batch_cost
@@ -69,18 +77,33 @@ def output_weight(model) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Positions and sequences
 # ---------------------------------------------------------------------------------------------
-def sample_positions(
-    length: int, k: int, min_context: int, rng: np.random.Generator, allowed: Optional[list[int]] = None,
-    *, max_context: int,
-) -> list[int]:
-    """k positions t with min_context <= t <= max_context (the row has room for the thought) and
-    t < length (x_t must exist), from ``allowed`` when given; sorted."""
-    last = min(length - 1, max_context)
-    candidates = [t for t in (allowed if allowed is not None else range(min_context, last + 1)) if min_context <= t <= last]
+def position_candidates(length: int, min_context: int, allowed: Optional[list[int]] = None, *, max_context: int,
+                        target_tokens: int = 1) -> list[int]:
+    """The positions t with min_context <= t <= max_context (the row has room for the thought)
+    whose targets x_t..x_{t+target_tokens−1} lie in the ``length``-token window, from ``allowed``
+    when given; sorted."""
+    last = min(length - target_tokens, max_context)
+    return [t for t in (allowed if allowed is not None else range(min_context, last + 1)) if min_context <= t <= last]
+
+
+def draw_positions(candidates: list[int], k: int, rng: np.random.Generator) -> list[int]:
+    """k of the candidates, uniformly (with replacement only when there are fewer than k); sorted.
+    No candidates: [] without touching ``rng``."""
     if not candidates:
         return []
     replace = len(candidates) < k
     return sorted(int(t) for t in rng.choice(candidates, size=k, replace=replace))
+
+
+def sample_positions(
+    length: int, k: int, min_context: int, rng: np.random.Generator, allowed: Optional[list[int]] = None,
+    *, max_context: int, target_tokens: int = 1,
+) -> list[int]:
+    """k positions t with min_context <= t <= max_context (the row has room for the thought) and
+    t + target_tokens <= length (the targets exist), from ``allowed`` when given; sorted."""
+    candidates = position_candidates(length, min_context, allowed, max_context=max_context,
+                                     target_tokens=target_tokens)
+    return draw_positions(candidates, k, rng)
 
 
 def build_update_sequences(
@@ -311,8 +334,14 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
 
     mask = batch["thought_mask"]
     n_ctx = b // g
+    match_rewards = None
+    if config.rlp_reward == "prefix-match":
+        predicted = batch["predicted"].view(n_ctx, g, -1)
+        match_rewards = prefix_match_reward(predicted, batch["continuation"])
     if "advantages" not in batch:  # first pass over this sample batch fixes θ_old and A
-        batch["advantages"] = group_advantages(s_pred.view(n_ctx, g).float()).reshape(b)
+        # info-gain: S_ema is the same for the G thoughts of a context and cancels from r − r̄.
+        rewards = match_rewards if match_rewards is not None else s_pred.view(n_ctx, g).float()
+        batch["advantages"] = group_advantages(rewards).reshape(b)
         batch["logp_old"] = logp_thought.detach()
         batch["s_pred"] = s_pred
     advantages = batch["advantages"]
@@ -353,14 +382,20 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
         report["rlp/ntp"] = torch.stack([stats["ntp"] * b, ones])
     if "kl" in stats:
         report["rlp/kl"] = torch.stack([stats["kl"] * b, ones])
-    if "s_ema" in batch:
-        reward = s_pred.float().view(n_ctx, g) - batch["s_ema"].view(n_ctx, 1)
+    if match_rewards is not None:  # needs no teacher
+        report["rlp/reward_mean"] = torch.stack([match_rewards.sum(), ones])
+        matched = matched_prefix_length(predicted, batch["continuation"]).float()
+        report["rlp/matched_prefix_len"] = torch.stack([matched.sum(), ones])
+        batch["rewards"] = match_rewards.reshape(b)
+    if "s_ema" in batch:  # the teacher ran on this batch
+        if match_rewards is None:
+            reward = s_pred.float().view(n_ctx, g) - batch["s_ema"].view(n_ctx, 1)
+            report["rlp/reward_mean"] = torch.stack([reward.sum(), ones])
+            batch["rewards"] = reward.reshape(b)
         # info_gain: the gain of the thought-averaged predictor, log mean_i p(x_t | c_i) − S_ema.
         mixture = torch.logsumexp(s_pred.float().view(n_ctx, g), dim=1) - math.log(g)
-        report["rlp/reward_mean"] = torch.stack([reward.sum(), ones])
         report["rlp/info_gain"] = torch.stack([(mixture - batch["s_ema"]).sum(), loss.new_tensor(float(n_ctx))])
         report["rlp/s_ema"] = torch.stack([batch["s_ema"].sum(), loss.new_tensor(float(n_ctx))])
-        batch["rewards"] = reward.reshape(b)
     return loss, report
 
 
@@ -368,18 +403,26 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
 # The objective hook
 # ---------------------------------------------------------------------------------------------
 ThoughtSource = Callable[..., "object"]  # same signature as megatron_rlp.sampling.sample_thoughts
+# (documents, doc_index [n], position [n], closed_tokens [n, G, L+1], closed_lengths [n, G],
+#  num_tokens N, temperature, seed) -> [n, G, N] predicted tokens (read on the last pipeline stage):
+# the default is RLPObjective.sample_predictions.
+PredictionSource = Callable[..., Optional[torch.Tensor]]
 
 
 class RLPObjective:
     name = "rlp"
 
-    def __init__(self, config: RLPConfig, state, tokenizer, stream, thought_source: Optional[ThoughtSource] = None):
+    def __init__(self, config: RLPConfig, state, tokenizer, stream, thought_source: Optional[ThoughtSource] = None,
+                 prediction_source: Optional[PredictionSource] = None):
         validate_rlp_config(config)
-        # --seq-length is the budget of every row: context + open + thought + close inputs.
+        # --seq-length is the budget of every row: context + open + thought + close inputs
+        # (+ N − 1 continuation tokens for prefix-match, whose x_t..x_{t+N−1} must be in the window).
         self.max_sequence_length = state.run.training.seq_length
+        self.target_tokens = target_tokens_of(config)
         validate_rlp_lengths(self.max_sequence_length, state.preset.max_position_embeddings,
-                             config.rlp_thought_len, config.rlp_min_context)
-        self.max_context = longest_context(self.max_sequence_length, config.rlp_thought_len)
+                             config.rlp_thought_len, config.rlp_min_context, target_tokens=self.target_tokens)
+        self.max_context = longest_context(self.max_sequence_length, config.rlp_thought_len, self.target_tokens)
+        validate_position_filter(config, self.max_context)
         self.update_layout = resolve_update_layout(config.rlp_update_layout, state.preset.family)
         self.config = config
         self.state = state
@@ -406,9 +449,11 @@ class RLPObjective:
 
             thought_source = sample_thoughts
         self.thought_source = thought_source
+        self.prediction_source = prediction_source or self.sample_predictions
         self.sample_batches = 0
         self._cached: list[dict] = []
         self._teacher_windows: Optional[list[int]] = None  # this iteration's sampling, for iteration_cost()
+        self._teacher_rows: list[int] = []  # x_t rows the teacher scored per window (iteration_cost())
         self.timers = Timers()  # the loop's phase timers replace this inactive one
         for chunk in self.models:
             chunk.return_hidden = True
@@ -420,26 +465,34 @@ class RLPObjective:
     # -- 1. windows and positions ----------------------------------------------------------------
     def _next_contexts(self, count: int) -> tuple[list[Window], list[list[int]]]:
         """The next ``count`` windows that have a position, and k positions in each (window
-        coordinates).  A window holds a context of at most ``max_context`` tokens and its target;
-        consecutive windows of a document overlap by --rlp-min-context tokens, so every position
-        >= --rlp-min-context of a long document is a candidate in exactly one window."""
+        coordinates), drawn uniformly among the window's candidates (no position filter)."""
+        windows, candidates, rng = self._next_candidates(count)
+        return windows, [draw_positions(c, self.config.rlp_positions_per_doc, rng) for c in candidates]
+
+    def _next_candidates(self, count: int) -> tuple[list[Window], list[list[int]], np.random.Generator]:
+        """The next ``count`` windows that have a candidate position, their candidates (window
+        coordinates), and the generator the positions are drawn with.  A window holds a context of
+        at most ``max_context`` tokens and its N targets; consecutive windows of a document overlap
+        by --rlp-min-context + N − 1 tokens, so every position >= --rlp-min-context of a long
+        document is a candidate in exactly one window (N = 1 but for prefix-match)."""
         cursor = self.stream.cursor
         # Keyed by where the stream stands (the offset only mid-document, which keeps the draws
         # of whole documents as they were), so a resumed run draws the same positions.
         key = [self.seed, cursor.epoch, cursor.order_index] + ([cursor.token_offset] if cursor.token_offset else [])
         rng = np.random.default_rng(key + [7])
-        windows, positions = [], []
+        windows, candidates = [], []
         dry_since_epoch = None
+        n = self.target_tokens
         while len(windows) < count:
-            (window,) = self.stream.next_windows(1, self.max_context + 1, overlap=self.config.rlp_min_context)
+            (window,) = self.stream.next_windows(1, self.max_context + n, overlap=self.config.rlp_min_context + n - 1)
             allowed = None
             if self.allowed_positions is not None:  # document coordinates -> window coordinates
                 allowed = [p - window.offset for p in self.allowed_positions[window.document]]
-            pos = sample_positions(len(window.tokens), self.config.rlp_positions_per_doc, self.config.rlp_min_context,
-                                   rng, allowed, max_context=self.max_context)
-            if pos:
+            cands = position_candidates(len(window.tokens), self.config.rlp_min_context, allowed,
+                                        max_context=self.max_context, target_tokens=n)
+            if cands:
                 windows.append(window)
-                positions.append(pos)
+                candidates.append(cands)
                 dry_since_epoch = None
             elif dry_since_epoch is None:
                 dry_since_epoch = self.stream.cursor.epoch
@@ -450,29 +503,86 @@ class RLPObjective:
                     + (f" listed in --rlp-positions-file {self.config.rlp_positions_file!r}"
                        if self.allowed_positions is not None else "")
                 )
-        return windows, positions
+        return windows, candidates, rng
+
+    def _choose_contexts(self, count: int) -> tuple[list[Window], list[list[int]], Optional[torch.Tensor]]:
+        """This rank's next ``count`` windows, their k positions and, when the teacher ran (every
+        --rlp-baseline-interval batches, every batch under the entropy filter), S_ema at those
+        positions (on the last pipeline stage; empty on the others).
+
+        With --rlp-position-filter entropy the teacher scores every candidate first and the k
+        positions are drawn among the top --rlp-entropy-top-frac by its entropy: a function of
+        the stream's cursor, the seed and the teacher, all of which a checkpoint restores."""
+        c = self.config
+        # Every DP rank reads its own documents: skip the other ranks' share of the stream.
+        dp_rank = parallel_state.get_data_parallel_rank()
+        shares = [self._next_candidates(count) for _ in range(parallel_state.get_data_parallel_world_size())]
+        windows, candidates, rng = shares[dp_rank]
+        docs = [torch.from_numpy(w.tokens) for w in windows]
+        k = c.rlp_positions_per_doc
+        self._teacher_rows = []
+        if c.rlp_position_filter == "entropy":
+            with self.timers("rlp-teacher"):
+                logp, entropy = self._score_documents(docs, candidates, with_entropy=True)
+            self._teacher_rows = [len(x) for x in candidates]
+            positions, chosen = [], []
+            start = 0
+            for cands in candidates:
+                ent = entropy[start : start + len(cands)].tolist()
+                pos = draw_positions(entropy_filtered_candidates(cands, ent, c.rlp_entropy_top_frac, k), k, rng)
+                positions.append(pos)
+                chosen += [start + cands.index(t) for t in pos]
+                start += len(cands)
+            s_ema = logp[torch.tensor(chosen, dtype=torch.int64, device=logp.device)] if logp.numel() else logp
+            return windows, positions, s_ema
+        positions = [draw_positions(x, k, rng) for x in candidates]
+        if (self.sample_batches % c.rlp_baseline_interval) != 0:
+            return windows, positions, None
+        with self.timers("rlp-teacher"):
+            s_ema, _ = self._score_documents(docs, positions)
+        self._teacher_rows = [len(p) for p in positions]
+        return windows, positions, s_ema
 
     # -- 2. the no-think baseline ---------------------------------------------------------------
-    def _score_documents(self, docs: list[torch.Tensor], positions: list[list[int]]) -> torch.Tensor:
-        """log p̄_φ(x_t | x_<t) at every position, from one teacher-forced forward per window."""
+    def _score_documents(self, docs: list[torch.Tensor], positions: list[list[int]],
+                         with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """log p̄_φ(x_t | x_<t) at every position (window by window, flat), from one
+        teacher-forced forward per window: on the last pipeline stage, empty on the others.  With
+        ``with_entropy`` also the teacher's next-token entropy there, on every stage (broadcast
+        from the last: the position choice it feeds must be the same on all of them)."""
         width = _round_up(max(len(d) for d in docs) - 1, _sequence_multiple(self.models[0]))
+        most = max(len(p) for p in positions)
         batches = []
         for start in range(0, len(docs), self.micro_batch_size):
             chunk = list(range(start, min(start + self.micro_batch_size, len(docs))))
             tokens = torch.full((len(chunk), width), self.pad_id, dtype=torch.int64)
-            slots = torch.full((len(chunk), self.config.rlp_positions_per_doc), 0, dtype=torch.int64)
+            slots = torch.zeros((len(chunk), most), dtype=torch.int64)
+            targets = torch.full((len(chunk), most), IGNORE, dtype=torch.int64)
             for r, i in enumerate(chunk):
                 tokens[r, : len(docs[i]) - 1] = docs[i][:-1]
-                slots[r] = torch.tensor(positions[i]) - 1
-            targets = torch.stack([docs[i][torch.tensor(positions[i])] for i in chunk])
+                n = len(positions[i])
+                slots[r, :n] = torch.tensor(positions[i]) - 1
+                targets[r, :n] = docs[i][torch.tensor(positions[i])]
             batches.append(platform.to_device({
                 "tokens": tokens, "position_ids": torch.arange(width).expand(len(chunk), -1),
                 "slots": slots, "targets": targets}))
         with self.teacher.swap_into(self.models), torch.no_grad():
-            outputs = self._forward_only(batches, partial(_score_slots_loss, vocab_size=self.vocab_size))
-        if not parallel_state.is_pipeline_last_stage():
-            return torch.zeros(0)
-        return torch.cat([o["logp"] for o in outputs]).reshape(-1)
+            outputs = self._forward_only(batches, partial(_score_slots_loss, vocab_size=self.vocab_size,
+                                                          entropy=with_entropy))
+        counts = [len(p) for p in positions]
+        entropy = torch.zeros(sum(counts), dtype=torch.float32, device=platform.device()) if with_entropy else None
+        logp = torch.zeros(0)
+        if parallel_state.is_pipeline_last_stage():
+            def valid(key):
+                rows = torch.cat([o[key] for o in outputs])  # [windows, most]
+                return torch.cat([row[:n] for row, n in zip(rows, counts)])
+            logp = valid("logp")
+            if with_entropy:
+                entropy = valid("entropy").float().to(entropy.device)
+        if with_entropy and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            collectives.broadcast(entropy, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                  group=parallel_state.get_pipeline_model_parallel_group())
+        return logp, (entropy.cpu() if with_entropy else None)
 
     def _forward_only(self, batches: list[dict], loss_fn) -> list[dict]:
         def step(data_iterator, model):
@@ -508,18 +618,10 @@ class RLPObjective:
         c = self.config
         g = c.rlp_num_thoughts
         n_docs = num_microbatches * self.micro_batch_size
-        # Every DP rank reads its own documents: skip the other ranks' share of the stream.
         dp_rank = parallel_state.get_data_parallel_rank()
-        dp_size = parallel_state.get_data_parallel_world_size()
-        shares = [self._next_contexts(n_docs) for _ in range(dp_size)]
-        windows, positions = shares[dp_rank]
-        docs = [torch.from_numpy(w.tokens) for w in windows]
-
         self.state.sync_parameters()  # θ_old must be the gathered θ (a no-op after the EMA's sync)
-        s_ema = None
-        if (self.sample_batches % c.rlp_baseline_interval) == 0:
-            with self.timers("rlp-teacher"):
-                s_ema = self._score_documents(docs, positions)
+        windows, positions, s_ema = self._choose_contexts(n_docs)
+        docs = [torch.from_numpy(w.tokens) for w in windows]
 
         with self.timers("rlp-sampling"):
             thoughts = self.thought_source(
@@ -566,9 +668,79 @@ class RLPObjective:
                 mb["s_ema"] = s_ema[ctx].float()
             mb = platform.to_device(mb)
             microbatches.append(mb)
+        if c.rlp_reward == "prefix-match":
+            n = self.target_tokens
+            continuation = torch.stack([docs[int(b)][int(t) : int(t) + n]
+                                        for b, t in zip(thoughts.doc_index.tolist(), thoughts.position.tolist())])
+            with self.timers("rlp-prediction"):
+                predicted = self.prediction_source(
+                    docs, thoughts.doc_index, thoughts.position, closed, closed_len, num_tokens=n,
+                    temperature=c.rlp_temperature, seed=_sample_seed(self.seed + 2, self.sample_batches, dp_rank))
+            for m, mb in enumerate(microbatches):
+                ctx = slice(m * per_mb, (m + 1) * per_mb)
+                extra = {"continuation": continuation[ctx].clone()}
+                if predicted is not None:  # the last pipeline stage (or an injected source)
+                    extra["predicted"] = predicted[ctx].reshape(-1, n).clone()
+                mb.update(platform.to_device(extra))
         if self.reference is not None:
             self._score_reference(microbatches)
         return microbatches
+
+    # -- prefix-match: the policy's prediction after each thought --------------------------------
+    def sample_predictions(self, documents: list[torch.Tensor], doc_index: torch.Tensor, position: torch.Tensor,
+                           closed_tokens: torch.Tensor, closed_lengths: torch.Tensor, num_tokens: int,
+                           temperature: float, seed: int) -> Optional[torch.Tensor]:
+        """The tokens the current policy (θ_old, the model that sampled the thoughts) predicts
+        after each thought: [n, G, N] on the last pipeline stage, None on the others.
+
+        One forward-only pass over the rows (x_<t, open, c_i, close, x_t..x_{t+N−2}) in the
+        update's layout; the tokens are drawn at the N slots after the close marker at
+        ``temperature`` with the sampler's vocabulary-parallel Gumbel-max
+        (:func:`megatron_rlp.sampling.sample_vocab_parallel`, noise keyed by (seed, j, branch)).
+        Prediction j is drawn given the text's x_t..x_{t+j−1}, not the policy's own earlier
+        predictions: up to the first mismatch the two are the same tokens (same noise, same
+        prefix), and after it the reward is 0 either way, so the reward is exactly that of
+        autoregressive decoding — at the cost of one prefill and no decode steps.
+        """
+        c = self.config
+        g, n = c.rlp_num_thoughts, num_tokens
+        # Rows are built on the host (the sampler's tensors may be on the GPU: one copy, not one
+        # synchronizing read per thought).
+        doc_index, position, closed_tokens, closed_lengths = (
+            x.cpu() for x in (doc_index, position, closed_tokens, closed_lengths))
+        contexts, _, width_l = closed_tokens.shape
+        fed = torch.full((contexts, g, width_l + n - 1), self.pad_id, dtype=torch.int64)
+        fed[..., :width_l] = closed_tokens
+        fed_len = closed_lengths + (n - 1)
+        for i in range(contexts):
+            doc, t = documents[int(doc_index[i])], int(position[i])
+            for j in range(g):
+                m = int(closed_lengths[i, j])
+                fed[i, j, m : m + n - 1] = doc[t : t + n - 1]
+        shared = self.update_layout == "shared"
+        build = build_shared_sequences if shared else build_update_sequences
+        row_len = position + ((fed_len + 1).sum(dim=1) if shared else fed_len.max(dim=1).values + 1)
+        multiple = _sequence_multiple(self.models[0])
+        one_shape = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        per_mb = self.micro_batch_size * c.rlp_positions_per_doc
+        no_force = torch.zeros(contexts, g, dtype=torch.bool)
+        batches = []
+        for start in range(0, contexts, per_mb):
+            ctx = slice(start, min(start + per_mb, contexts))
+            width = _round_up(int((row_len if one_shape else row_len[ctx]).max()), multiple)
+            mb = build(documents, doc_index[ctx], position[ctx], fed[ctx], fed_len[ctx], no_force[ctx],
+                       self.open_id, self.pad_id, width)
+            # The last fed slot predicts x_{t+N−1}; the N slots from the close marker on predict x_t...
+            slots = mb["target_slot"][:, None] - (n - 1) + torch.arange(n)
+            batch = {k: mb[k] for k in ("tokens", "position_ids", "layout", "branch_row") if k in mb}
+            batch["predict_slots"] = slots
+            batch["branch_key"] = torch.arange(start * g, ctx.stop * g)  # global branch ids: the noise rows
+            batches.append(platform.to_device(batch))
+        outputs = self._forward_only(batches, partial(
+            _predict_loss, num_tokens=n, temperature=temperature, seed=seed, vocab_size=self.vocab_size))
+        if not parallel_state.is_pipeline_last_stage():
+            return None
+        return torch.cat([o["predicted"] for o in outputs]).view(contexts, g, n).cpu()
 
     def _score_reference(self, microbatches: list[dict]) -> None:
         """log π_ref of the thought tokens (frozen initial model), for the optional KL term."""
@@ -616,6 +788,8 @@ class RLPObjective:
             preset, context_lens.tolist(), thought_lens.view(len(context_lens), -1).tolist(), self.cost_variant,
             recompute, teacher_windows=self._teacher_windows or [],
             positions_per_doc=self.config.rlp_positions_per_doc, sampled=sampled,
+            teacher_rows=self._teacher_rows if self._teacher_windows else None,
+            prediction_tokens=self.target_tokens if self.config.rlp_reward == "prefix-match" else 0,
         )
         per_rank = [k for k in cost.phases if k not in ("optimizer", "ema")]
         if parallel_state.get_data_parallel_world_size() > 1:
@@ -792,12 +966,20 @@ def _run_model(model, batch: dict):
         return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=layout)
 
 
-def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
+def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None,
+                      entropy: bool = False):
+    """log p of the targets at the slots ([rows, K]; IGNORE targets give 0), and with ``entropy``
+    the next-token entropy there (the fused kernel's, over the tokenizer's ids)."""
     hidden, _ = _final_hidden(output_tensor, model)
-    rows = _gather_rows(hidden, batch["slots"]).reshape(-1, hidden.shape[-1])
-    logp = linear_logprob(rows, output_weight(model), batch["targets"].reshape(-1),
-                          parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
-    return logp.new_zeros(()), {"logp": logp.detach()}
+    slots = batch["slots"]
+    rows = _gather_rows(hidden, slots).reshape(-1, hidden.shape[-1])
+    out = linear_logprob(rows, output_weight(model), batch["targets"].reshape(-1),
+                         parallel_state.get_tensor_model_parallel_group(), entropy=entropy, vocab_size=vocab_size)
+    logp, ent = out if entropy else (out, None)
+    result = {"logp": logp.detach().view(slots.shape)}
+    if entropy:
+        result["entropy"] = ent.detach().view(slots.shape)
+    return logp.new_zeros(()), result
 
 
 def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None,
@@ -813,6 +995,37 @@ def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_
     logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
     return logp.new_zeros(()), {"logp": logp.detach().view(slots.shape)}
+
+
+def _shard_logits(hidden: torch.Tensor, weight: torch.Tensor, block_elements: int = 1 << 24) -> torch.Tensor:
+    """fp32 logits [n, V/tp] of this rank's vocabulary shard, the weight upcast a block of rows at
+    a time (no fp32 copy of the whole shard: 2.7 GB at 12B, TP=1)."""
+    h = hidden.float()
+    rows = max(1, block_elements // max(1, weight.shape[1]))
+    out = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)
+    for start in range(0, weight.shape[0], rows):
+        out[:, start : start + rows] = h @ weight[start : start + rows].float().t()
+    return out
+
+
+def _predict_loss(batch: dict, model, output_tensor: torch.Tensor, *, num_tokens: int, temperature: float,
+                  seed: int, vocab_size: Optional[int] = None):
+    """Sample the N predicted tokens of every branch at its ``predict_slots`` (see
+    RLPObjective.sample_predictions); prediction j of branch r uses the noise of decode step j,
+    row r, so every TP rank draws the same tokens."""
+    from megatron_rlp.sampling import sample_vocab_parallel
+
+    hidden, _ = _final_hidden(output_tensor, model)
+    slots = batch["predict_slots"]
+    rows = _gather_slots(hidden, _branch_rows(batch, hidden.shape[0]), slots)  # [B, N, H]
+    logits = _shard_logits(rows.reshape(-1, hidden.shape[-1]), output_weight(model)).view(*slots.shape, -1)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    keys = batch["branch_key"].to(hidden.device)
+    tokens = torch.stack([
+        sample_vocab_parallel(logits[:, j], temperature, seed, j, keys, tp_group=tp_group, vocab_size=vocab_size).tokens
+        for j in range(num_tokens)
+    ], dim=1)
+    return logits.new_zeros(()), {"predicted": tokens}
 
 
 def _rank_layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:

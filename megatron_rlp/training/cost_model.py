@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 VARIANTS = ("shared_prefix", "rows", "straightforward")
-PHASES = ("teacher", "sampling_prefill", "sampling_decode", "scoring", "update", "optimizer", "ema")
+PHASES = ("teacher", "sampling_prefill", "sampling_decode", "prediction", "scoring", "update", "optimizer", "ema")
 
 MAMBA_D_CONV = 4        # megatron MambaMixer's default d_conv (the presets do not change it)
 MAMBA_SCAN_FLOPS = 6    # per d_inner x d_state element per token: decay, dt·B·x, add, C·h (2)
@@ -275,6 +275,9 @@ class RLPSettings:
     that holds x_t).  ``positions_per_doc``: k
     (documents = contexts / k).  ``baseline_interval``: the teacher runs every N sample batches;
     ``updates_per_batch``: U optimizer steps per sample batch (sampling is amortised over them).
+    ``prediction_tokens``: N of --rlp-reward prefix-match (0: the information-gain reward, no
+    prediction pass).  ``teacher_rows_per_doc``: logit rows of the teacher per document (default
+    ``positions_per_doc``; the entropy position filter scores every candidate).
     The sampling temperature does not change any FLOP count and is not an input.
     """
 
@@ -286,6 +289,8 @@ class RLPSettings:
     window_len: Optional[int] = None
     baseline_interval: int = 1
     updates_per_batch: int = 1
+    prediction_tokens: int = 0
+    teacher_rows_per_doc: Optional[int] = None
 
     def __post_init__(self):
         cs, ls = self.context_lens, self.thought_lens
@@ -300,6 +305,8 @@ class RLPSettings:
             problems.append(f"thought lengths must be >= 0; got {self.thought_len}")
         if self.positions_per_doc < 1 or self.baseline_interval < 1 or self.updates_per_batch < 1:
             problems.append("positions_per_doc, baseline_interval and updates_per_batch must be >= 1")
+        if self.prediction_tokens < 0:
+            problems.append(f"prediction_tokens must be >= 0; got {self.prediction_tokens}")
         if problems:
             raise ValueError("invalid RLP settings: " + "; ".join(problems))
 
@@ -312,18 +319,26 @@ class RLPSettings:
         return tuple(self.thought_len) if isinstance(self.thought_len, (list, tuple)) else (self.thought_len,)
 
 
-def _context_work(variant: str, c: float, branch_lens: Sequence[float]) -> dict[str, Work]:
+def _context_work(variant: str, c: float, branch_lens: Sequence[float], prediction_tokens: int = 0) -> dict[str, Work]:
     """Forward work of one context and its branches (thought lengths ``branch_lens``) per phase.
 
     Branch inputs are open marker, L thought tokens, close marker (L + 2 tokens); x_t is a label.
     Sampling feeds the open marker and the L thought tokens (the close is sampled, not fed).
+    Prefix-match (``prediction_tokens`` N > 0) adds a forward-only pass in the update's layout over
+    the branches fed N − 1 continuation tokens more, with logits at N rows per branch.
     """
-    prefill, decode, scoring, update = Work(), Work(), Work(), Work()
+    prefill, decode, scoring, update, prediction = Work(), Work(), Work(), Work(), Work()
     if variant != "straightforward":
         prefill = Work(c, _causal(c), 0)  # one prefill per context, branches decode over its cache
     if variant == "shared_prefix":
         update = Work(c, _causal(c), 0)   # the context once; branches attend [its K/V; their own]
+        if prediction_tokens:
+            prediction = Work(c, _causal(c), 0)
     for l in branch_lens:
+        if prediction_tokens:
+            fed = l + 2 + prediction_tokens - 1
+            prediction += (Work(fed, _suffix(c, fed), prediction_tokens) if variant == "shared_prefix"
+                           else Work(c + fed, _causal(c + fed), prediction_tokens))
         branch = l + 2
         if variant == "straightforward":
             prefill += Work(c + 1, _causal(c + 1), 1)           # x_<t + open, per thought
@@ -335,7 +350,8 @@ def _context_work(variant: str, c: float, branch_lens: Sequence[float]) -> dict[
             update += Work(branch, _suffix(c, branch), branch)
         else:
             update += Work(c + branch, _causal(c + branch), branch)
-    return {"sampling_prefill": prefill, "sampling_decode": decode, "scoring": scoring, "update": update}
+    return {"sampling_prefill": prefill, "sampling_decode": decode, "prediction": prediction, "scoring": scoring,
+            "update": update}
 
 
 @dataclass(frozen=True)
@@ -391,12 +407,13 @@ def rlp_iteration_cost(preset: ModelPreset, settings: RLPSettings, variant: str 
     pairs = list(itertools.product(s.context_lens, s.thought_lens))
     mean = {k: Work() for k in _FORWARD_PHASES + ("update",)}
     for c, l in pairs:
-        for k, w in _context_work(variant, c, [l] * s.num_thoughts).items():
+        for k, w in _context_work(variant, c, [l] * s.num_thoughts, s.prediction_tokens).items():
             mean[k] = mean[k] + w * (1.0 / len(pairs))
     teacher = Work()
+    rows = s.teacher_rows_per_doc if s.teacher_rows_per_doc is not None else s.positions_per_doc
     for c in s.context_lens:  # one forward per document over its window, logits at its k positions
         w = s.window_len if s.window_len is not None else c
-        teacher = teacher + Work(w, _causal(w), s.positions_per_doc) * (1.0 / len(s.context_lens))
+        teacher = teacher + Work(w, _causal(w), rows) * (1.0 / len(s.context_lens))
     per_batch = s.contexts / s.updates_per_batch  # sampling and teacher amortised over U steps
     forward = {"teacher": teacher * (per_batch / s.positions_per_doc / s.baseline_interval)}
     forward.update({k: mean[k] * per_batch for k in _FORWARD_PHASES})
@@ -405,22 +422,26 @@ def rlp_iteration_cost(preset: ModelPreset, settings: RLPSettings, variant: str 
 
 def rlp_batch_cost(preset: ModelPreset, context_lens: Sequence[int], thought_lens: Sequence[Sequence[int]],
                    variant: str = "rows", recompute: str = "none", teacher_windows: Sequence[int] = (),
-                   positions_per_doc: int = 1, sampled: bool = True) -> IterationCost:
+                   positions_per_doc: int = 1, sampled: bool = True, teacher_rows: Optional[Sequence[int]] = None,
+                   prediction_tokens: int = 0) -> IterationCost:
     """FLOPs of one iteration over an actual batch, real tokens only (no padding).
 
     ``context_lens[i]``: t of context i; ``thought_lens[i]``: the sampled lengths (before the close
     marker) of its G thoughts.  ``teacher_windows``: tokens of each document the teacher scored in
-    this iteration (empty when it did not run), with ``positions_per_doc`` logit rows each.
+    this iteration (empty when it did not run), with ``positions_per_doc`` logit rows each, or
+    ``teacher_rows[i]`` (the entropy filter scores every candidate position).
     ``sampled=False`` for a reused sample batch (--rlp-updates-per-batch > 1): no sampling cost.
+    ``prediction_tokens``: N of the prefix-match reward's prediction pass (0: none).
     """
     _check_variant(variant, recompute)
     if len(context_lens) != len(thought_lens):
         raise ValueError(f"{len(context_lens)} context lengths but {len(thought_lens)} lists of thought lengths")
     work = {k: Work() for k in _FORWARD_PHASES + ("update",)}
     for c, branch_lens in zip(context_lens, thought_lens):
-        for k, w in _context_work(variant, c, branch_lens).items():
+        for k, w in _context_work(variant, c, branch_lens, prediction_tokens).items():
             work[k] = work[k] + w
-    forward = {"teacher": sum((Work(w, _causal(w), positions_per_doc) for w in teacher_windows), Work())}
+    rows = teacher_rows if teacher_rows is not None else [positions_per_doc] * len(teacher_windows)
+    forward = {"teacher": sum((Work(w, _causal(w), r) for w, r in zip(teacher_windows, rows)), Work())}
     forward.update({k: work[k] * (1.0 if sampled else 0.0) for k in _FORWARD_PHASES})
     return _assemble(preset, forward, work["update"], recompute)
 
@@ -431,7 +452,7 @@ def _check_variant(variant: str, recompute: str) -> None:
     _check_recompute(recompute)
 
 
-_FORWARD_PHASES = ("sampling_prefill", "sampling_decode", "scoring")
+_FORWARD_PHASES = ("sampling_prefill", "sampling_decode", "prediction", "scoring")
 
 
 def _assemble(preset: ModelPreset, forward: dict, update: Work, recompute: str) -> IterationCost:

@@ -21,12 +21,22 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.world_size(2)
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_one_iteration_matches_reference(corpus, tp, pp):
-    from rlp_parity import check_against_reference, run_parity
+@pytest.mark.parametrize("tp,pp,predictions", [(2, 1, None), (1, 2, None), (2, 1, "sampled"), (1, 2, "given")])
+def test_one_iteration_matches_reference(corpus, tp, pp, predictions):
+    """``predictions``: None for the information gain; else --rlp-reward prefix-match with N = 2 and
+    the predictions given (fixed) or sampled by the objective's vocabulary-parallel source."""
+    from rlp_parity import check_against_reference, reference_predictions, run_parity
 
-    mega, ref = run_parity(corpus, tp=tp, pp=pp)
+    reward = {} if predictions is None else dict(reward="prefix-match", match_tokens=2, predictions=predictions)
+    mega, ref = run_parity(corpus, tp=tp, pp=pp, **reward)
     check_against_reference(mega, ref)
+    if predictions == "sampled" and mega["last_stage"]:  # every TP rank drew the reference's tokens
+        call = mega["prediction_calls"][0]
+        docs, positions = mega["source"].calls[0]
+        continuations = [d[t : t + 2].tolist() for d, pos in zip(docs, positions) for t in pos]
+        expected = reference_predictions(ref["model_at_start"], ref["contexts"], mega["source"].thoughts,
+                                         continuations, call["temperature"], call["seed"], feed="text")
+        assert call["predicted"].tolist() == expected
 
 
 @pytest.mark.world_size(2)
@@ -52,13 +62,17 @@ def test_shared_update_equals_rows_update(corpus, preset, tp, pp, sequence_paral
 
 
 @pytest.mark.world_size(2)
-@pytest.mark.parametrize("preset,tp,pp", [("tiny", 2, 1), ("tiny", 1, 2), ("tiny-hybrid", 2, 1)])
-def test_short_rlp_run_with_the_sampler(corpus, preset, tp, pp, tmp_path_factory):
+@pytest.mark.parametrize("preset,tp,pp,rpt", [("tiny", 2, 1, False), ("tiny", 1, 2, False), ("tiny-hybrid", 2, 1, False),
+                                              ("tiny", 1, 2, True)])
+def test_short_rlp_run_with_the_sampler(corpus, preset, tp, pp, rpt, tmp_path_factory):
     """A few real RLP iterations (sampled thoughts, EMA, checkpoint + resume) at TP=2 and PP=2,
-    on the Qwen3-shaped GPT and on the hybrid Mamba model."""
+    on the Qwen3-shaped GPT and on the hybrid Mamba model; ``rpt``: RPT's recipe, the prefix-match
+    reward (N = 2, predictions sampled) on entropy-filtered positions."""
     from rlp_parity import run_short_rlp
 
-    run_short_rlp(corpus, preset, tp, pp, tmp_path_factory)
+    overrides = {"rlp_reward": "prefix-match", "rlp_reward_match_tokens": 2, "rlp_position_filter": "entropy",
+                 "rlp_entropy_top_frac": 0.5} if rpt else None
+    run_short_rlp(corpus, preset, tp, pp, tmp_path_factory, rlp_overrides=overrides)
 
 
 @pytest.mark.world_size(2)

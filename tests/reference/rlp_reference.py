@@ -340,6 +340,22 @@ def reference_information_gain(s_pred: Sequence[float], s_ema: float) -> list[fl
     return [float(sp) - float(s_ema) for sp in s_pred]
 
 
+def reference_prefix_match(predicted: Sequence[Sequence[int]], continuation: Sequence[int]) -> list[float]:
+    """RPT's sparse reward for one context: 1 for a thought whose N predicted tokens are the text's
+    next N tokens, else 0."""
+    return [1.0 if [int(x) for x in p] == [int(x) for x in continuation] else 0.0 for p in predicted]
+
+
+def reference_entropies(model: nn.Module, tokens: Sequence[int], vocab_size: Optional[int] = None) -> list[float]:
+    """[len]: entry j is the entropy (nats) of p(· | tokens[: j + 1]) over the tokenizer's ids."""
+    with torch.no_grad():
+        logits = model(torch.as_tensor(list(tokens), dtype=torch.long)).float()
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]
+    logp = torch.log_softmax(logits, dim=-1)
+    return (-(logp.exp() * logp).sum(dim=-1)).tolist()
+
+
 def reference_advantages(rewards: Sequence[float]) -> list[float]:
     """A(i) = r(i) − mean of the other G − 1 rewards  (= G/(G−1)·(r(i) − inclusive mean))."""
     g = len(rewards)
@@ -414,8 +430,13 @@ def reference_rlp_iteration(
     forced_mask: Optional[Sequence[Sequence[bool]]] = None,
     vocab_size: Optional[int] = None,
     temperature: float = 1.0,
+    predictions: Optional[Sequence[Sequence[Sequence[int]]]] = None,
+    continuations: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict:
     """One RLP iteration (RLP_SPEC.md, Algorithm steps 3–6) for given thoughts.
+
+    ``predictions[b][i]`` / ``continuations[b]``: the prefix-match reward (RPT-style) instead of
+    the information gain — the N tokens predicted after thought i and the text's next N tokens.
 
     ``vocab_size``: the tokenizer's ids; every probability is a softmax over them only.
     ``temperature``: T of the policy that drew the thoughts; the policy terms (ρ and its gradient)
@@ -476,7 +497,10 @@ def reference_rlp_iteration(
             n_policy = len(c) + (0 if forced_mask[b][i] else 1)
             row_logps.append(lp[first - 1 : first - 1 + n_policy])
             lengths[b, i] = n_policy
-        r = reference_information_gain(s_pred[b].tolist(), float(s_ema[b]))
+        if predictions is not None:
+            r = reference_prefix_match(predictions[b], continuations[b])
+        else:
+            r = reference_information_gain(s_pred[b].tolist(), float(s_ema[b]))
         a = reference_advantages(r)
         rewards[b] = torch.tensor(r)
         advantages[b] = torch.tensor(a)

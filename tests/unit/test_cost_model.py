@@ -290,6 +290,31 @@ def test_batch_cost_counts_each_thought_at_its_own_length():
         cm.rlp_batch_cost(MINI, [3, 4], [[2, 2]])
 
 
+def test_prediction_phase_and_filtered_teacher_by_hand():
+    """Prefix-match: a forward-only pass in the update's layout over the branches fed N − 1 = 1
+    continuation token more, logits at N = 2 rows per branch.  The entropy filter: the teacher's
+    logit rows are the window's candidates."""
+    # rows: context 3, thoughts of 1 and 3 tokens: rows of 3 + (1 + 2 + 1) = 7 and 3 + (3 + 2 + 1) = 9.
+    rows = cm.rlp_batch_cost(MINI, [3], [[1, 3]], "rows", prediction_tokens=2)
+    assert rows.phases["prediction"].model_flops == _fwd(7 + 9, 28 + 45, 4)
+    # shared: the context once (keys 6), branches of 4 and 6 tokens after it: keys 4+5+6+7, 4+..+9.
+    shared = cm.rlp_batch_cost(MINI, [3], [[1, 3]], "shared_prefix", prediction_tokens=2)
+    assert shared.phases["prediction"].model_flops == _fwd(3 + 4 + 6, 6 + 22 + 39, 4)
+    # The prediction changes nothing else; info-gain (0) and a reused batch have none.
+    plain = cm.rlp_batch_cost(MINI, [3], [[1, 3]], "rows")
+    assert plain.phases["prediction"].model_flops == 0
+    assert {k: v for k, v in rows.phases.items() if k != "prediction"} == {
+        k: v for k, v in plain.phases.items() if k != "prediction"}
+    assert cm.rlp_batch_cost(MINI, [3], [[1, 3]], "rows", prediction_tokens=2,
+                             sampled=False).phases["prediction"].model_flops == 0
+    teacher = cm.rlp_batch_cost(MINI, [3], [[1, 3]], "rows", teacher_windows=[3, 5], teacher_rows=[2, 4])
+    assert teacher.phases["teacher"].model_flops == _fwd(3, 6, 2) + _fwd(5, 15, 4)
+    # The analytic settings: the same hand counts.
+    s = RLPSettings(contexts=1, context_len=3, num_thoughts=2, thought_len=2, prediction_tokens=2)
+    f = cm.rlp_iteration_cost(MINI, s, "rows").phases["prediction"].model_flops
+    assert f == 2 * _fwd(3 + 2 + 2 + 1, 36, 2)
+
+
 def test_bench_rlp_analytic_prints_a_json_line_per_setting(capsys):
     import json
 

@@ -273,3 +273,82 @@ def test_positions_file_without_usable_positions_is_an_error(corpus, tmp_path):
             build_objective(corpus, positions_file=str(short))
     finally:
         parallel.destroy()
+
+
+def test_prefix_match_positions_leave_room_for_the_continuation(corpus):
+    """--rlp-reward prefix-match with N = 3: a position needs x_t..x_{t+2} in its window and the row
+    x_<t + open + thought + close + 2 continuation tokens in --seq-length; the windows overlap so
+    that every such position of a document is a candidate in exactly one window."""
+    from megatron_rlp.training import parallel
+
+    n = 3
+    try:
+        _, objective, _ = build_objective(corpus, rlp_overrides={"rlp_reward": "prefix-match",
+                                                                 "rlp_reward_match_tokens": n})
+        assert objective.max_context == MAX_CONTEXT - (n - 1)
+        seen, windows_seen = [], set()
+        while True:  # one epoch (unshuffled: the next one repeats its first window)
+            windows, candidates, _ = objective._next_candidates(1)
+            (w,), (cands,) = windows, candidates
+            if (w.document, w.offset) in windows_seen:
+                break
+            windows_seen.add((w.document, w.offset))
+            assert all(t + n <= len(w.tokens) and t + THOUGHT_LEN + 2 + (n - 1) <= SEQ_LENGTH for t in cands)
+            seen += [(w.document, w.offset, w.offset + t) for t in cands]
+        docs = corpus_documents(corpus)
+        by_doc = {}
+        for d, _, p in seen:
+            by_doc.setdefault(d, []).append(p)
+        for d, doc in enumerate(docs):
+            expected = list(range(MIN_CONTEXT, len(doc) - n + 1))
+            assert sorted(by_doc.get(d, [])) == expected, d
+    finally:
+        parallel.destroy()
+
+
+def test_entropy_filtered_positions_are_drawn_again_on_resume(corpus):
+    """--rlp-position-filter entropy: the positions depend on the cursor, the seed and the teacher,
+    so a run resumed mid-document (cursor restored, same teacher) draws the same ones; and the
+    filter changes the draws (they come from the top 30 % of each window by teacher entropy)."""
+    from megatron_rlp.rlp.rewards import entropy_filtered_candidates
+    from megatron_rlp.training import parallel
+
+    overrides = {"rlp_position_filter": "entropy", "rlp_entropy_top_frac": 0.3}
+
+    def build(**kw):
+        _, objective, _ = build_objective(corpus, **kw)
+        objective.teacher.maybe_initialize(objective.models)
+        return objective
+
+    def draws(objective, count):
+        windows, positions, s_ema = objective._choose_contexts(count)
+        assert len(s_ema) == sum(len(p) for p in positions)  # S_ema at the chosen positions
+        return [(w.document, w.offset, p) for w, p in zip(windows, positions)]
+
+    try:
+        objective = build(rlp_overrides=overrides)
+        straight = draws(objective, 3) + draws(objective, 6)
+        parallel.destroy()
+        objective = build(rlp_overrides=overrides)
+        first = draws(objective, 3)
+        saved = objective.state_dict()
+        assert saved["cursor"]["token_offset"] > 0  # stopped inside a long document
+        parallel.destroy()
+        objective = build(rlp_overrides=overrides)
+        objective.load_state_dict(saved)
+        assert first + draws(objective, 6) == straight
+        # The positions are in the top fraction of the teacher's entropy over the window's candidates.
+        docs = corpus_documents(corpus)
+        windows = [docs[d][o : o + WINDOW] for d, o, _ in straight]
+        candidates = [list(range(MIN_CONTEXT, min(len(w) - 1, MAX_CONTEXT) + 1)) for w in windows]
+        _, entropy = objective._score_documents([torch.from_numpy(w) for w in windows], candidates, with_entropy=True)
+        start = 0
+        for (_, _, pos), cands in zip(straight, candidates):
+            top = entropy_filtered_candidates(cands, entropy[start : start + len(cands)].tolist(), 0.3, 2)
+            assert set(pos) <= set(top) and len(top) < len(cands)
+            start += len(cands)
+        parallel.destroy()
+        plain = build()
+        assert draws(plain, 3) + draws(plain, 6) != straight
+    finally:
+        parallel.destroy()

@@ -214,3 +214,151 @@ def test_shared_layout_counts_each_context_once(corpus):
     shared, _ = run_parity(corpus, tp=1, pp=1, layout="shared", with_reference=False)
     assert shared["layout"] == "shared"
     assert shared["history"]["model_flops"] < rows["history"]["model_flops"]
+
+
+# ---------------------------------------------------------------------------------------------
+# --rlp-reward prefix-match and --rlp-position-filter entropy
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("match_tokens", [1, 3])
+def test_prefix_match_matches_reference(corpus, match_tokens):
+    """RPT-style reward from fixed predictions (one match per group of 3) at T = 0.7: rewards,
+    advantages, loss, gradients, parameters and EMA against the reference's prefix-match."""
+    from rlp_parity import run_parity
+
+    mega, ref = run_parity(corpus, tp=1, pp=1, reward="prefix-match", match_tokens=match_tokens)
+    check_against_reference(mega, ref)
+    rewards = torch.cat([mb["rewards"] for mb in mega["microbatches"]])
+    assert set(rewards.tolist()) == {0.0, 1.0}
+    assert mega["metrics"]["rlp/reward_mean"] == pytest.approx(1 / 3)
+    # Mismatches in the last token still matched N − 1 leading tokens.
+    assert mega["metrics"]["rlp/matched_prefix_len"] == pytest.approx((match_tokens + (match_tokens - 1)) / 3)
+    assert any(v.abs().max() > 0 for v in mega["grads"].values())
+    # The positions leave room for x_t..x_{t+N−1} in the window.
+    docs, positions = mega["source"].calls[0]
+    assert all(t + match_tokens <= len(d) for d, pos in zip(docs, positions) for t in pos)
+
+
+@pytest.mark.parametrize("layout", ["shared", "rows"])
+def test_sampled_predictions_are_the_policys(corpus, layout):
+    """The default prediction source (θ_old at T = 0.7, one forward in the update's layout) draws,
+    at every one of the N = 2 slots, the token the reference model draws with the sampler's noise
+    given the text before it; its rewards are those of autoregressive decoding; the loss and
+    gradients match the reference's; the prediction pass is timed and counted."""
+    from megatron_rlp.training import cost_model as cm
+    from rlp_parity import reference_predictions, run_parity
+
+    mega, ref = run_parity(corpus, tp=1, pp=1, reward="prefix-match", match_tokens=2, predictions="sampled",
+                           layout=layout)
+    check_against_reference(mega, ref)  # rewards from the reference's own autoregressive predictions
+    call = mega["prediction_calls"][0]
+    assert call["temperature"] == 0.7
+    got = call["predicted"]
+    forced = reference_predictions(ref["model_at_start"], ref["contexts"], mega["source"].thoughts,
+                                   _continuations(mega, 2), call["temperature"], call["seed"], feed="text")
+    assert got.tolist() == forced
+    assert "rlp-prediction" in mega["history"]["timers_ms"]
+    source = mega["source"]
+    docs, positions = source.calls[0]
+    context_lens = [t for pos in positions for t in pos]
+    thought_lens = [[len(c) for c in source.thoughts[i]] for i in range(len(context_lens))]
+    variant = "shared_prefix" if layout == "shared" else "rows"
+    expected = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, variant,
+                                 teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2, prediction_tokens=2)
+    assert expected.phases["prediction"].model_flops > 0
+    assert mega["history"]["model_flops"] == pytest.approx(expected.model_flops, rel=1e-12)
+
+
+def _continuations(mega, n):
+    docs, positions = mega["source"].calls[0]
+    return [d[t : t + n].tolist() for d, pos in zip(docs, positions) for t in pos]
+
+
+def test_entropy_filter_picks_uncertain_positions_every_batch(corpus):
+    """--rlp-position-filter entropy: the k positions of each window lie in the top fraction of
+    its candidates by the teacher's next-token entropy (computed here with the reference model at
+    θ_0 = φ), and the teacher runs although --rlp-baseline-interval would skip this batch."""
+    import math
+
+    from rlp_parity import MarkerTokenizer
+    from reference.rlp_reference import reference_entropies
+    from rlp_parity import run_parity
+
+    frac = 0.25
+    mega, ref = run_parity(corpus, tp=1, pp=1, skip_baseline=True, position_filter="entropy",
+                           entropy_top_frac=frac)
+    assert all("s_ema" in mb for mb in mega["microbatches"])  # the teacher ran
+    assert "rlp-teacher" in mega["history"]["timers_ms"]
+    objective = mega["objective"]
+    docs, positions = mega["source"].calls[0]
+    scored = 0
+    for doc, pos in zip(docs, positions):
+        last = min(len(doc) - 1, objective.max_context)
+        cands = list(range(objective.config.rlp_min_context, last + 1))
+        per_prefix = reference_entropies(ref["model_at_start"], doc[:last].tolist(), MarkerTokenizer.vocab_size)
+        ent = {t: per_prefix[t - 1] for t in cands}  # H(p(· | x_<t))
+        keep = max(math.ceil(frac * len(cands)), 2)
+        threshold = sorted(ent.values(), reverse=True)[keep - 1]
+        assert all(ent[t] >= threshold - 1e-4 for t in pos), (pos, ent)
+        assert len(cands) > keep  # the filter excluded something
+        scored += len(cands)
+    # The teacher's logit rows in the FLOP count are every candidate.
+    assert objective._teacher_rows and sum(objective._teacher_rows) == scored
+    check_against_reference(mega, ref)  # the update itself is unchanged
+
+
+@pytest.mark.parametrize("field,value,flag", [
+    ("rlp_reward", "prefix", "--rlp-reward"),
+    ("rlp_position_filter", "topk", "--rlp-position-filter"),
+    ("rlp_reward_match_tokens", 0, "--rlp-reward-match-tokens"),
+    ("rlp_entropy_top_frac", 0.0, r"--rlp-entropy-top-frac must lie in \(0, 1\]"),
+    ("rlp_entropy_top_frac", 1.5, r"--rlp-entropy-top-frac must lie in \(0, 1\]"),
+])
+def test_invalid_reward_flags_are_rejected(field, value, flag):
+    with pytest.raises(ValueError, match=flag):
+        validate_rlp_config(RLPConfig(**{field: value, "rlp_reward": "prefix-match", "rlp_position_filter": "entropy"}
+                                      if field.endswith(("tokens", "frac")) else {field: value}))
+
+
+def test_reward_flags_without_their_mode_are_rejected():
+    with pytest.raises(ValueError, match="--rlp-reward-match-tokens 3 applies to --rlp-reward prefix-match"):
+        validate_rlp_config(RLPConfig(rlp_reward_match_tokens=3))
+    with pytest.raises(ValueError, match="--rlp-entropy-top-frac 0.2 applies to --rlp-position-filter entropy"):
+        validate_rlp_config(RLPConfig(rlp_entropy_top_frac=0.2))
+    validate_rlp_config(RLPConfig(rlp_reward="prefix-match", rlp_reward_match_tokens=3,
+                                  rlp_position_filter="entropy", rlp_entropy_top_frac=0.2))
+
+
+@pytest.mark.parametrize("flag,value", [("--rlp-reward", "rpt"), ("--rlp-position-filter", "high-entropy")])
+def test_unknown_reward_or_filter_name_on_the_command_line(flag, value, capsys):
+    from megatron_rlp.pretrain import parse_run_config
+
+    with pytest.raises(SystemExit):
+        parse_run_config(["--rlp", flag, value])
+    err = capsys.readouterr().err
+    assert f"argument {flag}: invalid choice: '{value}'" in err
+    run = parse_run_config(["--rlp", "--rlp-reward", "prefix-match", "--rlp-reward-match-tokens", "3",
+                            "--rlp-position-filter", "entropy", "--rlp-entropy-top-frac", "0.2"])
+    rlp = run.extra["rlp"]
+    assert (rlp.rlp_reward, rlp.rlp_reward_match_tokens, rlp.rlp_position_filter, rlp.rlp_entropy_top_frac) == (
+        "prefix-match", 3, "entropy", 0.2)
+
+
+def test_match_tokens_and_top_frac_must_fit_the_budget():
+    from megatron_rlp.rlp.config import longest_context, validate_position_filter, validate_rlp_lengths
+
+    # 128 = 3 context + open + 100 thought + close + 23 continuation tokens: N = 24 fits, 25 does not.
+    validate_rlp_lengths(128, 4096, 100, 3, target_tokens=24)
+    assert longest_context(128, 100, 24) == 3
+    with pytest.raises(ValueError, match=r"--rlp-reward-match-tokens 25 is too long for --seq-length 128.*"
+                                         r"lower --rlp-reward-match-tokens to at most 24, or raise --seq-length to 129"):
+        validate_rlp_lengths(128, 4096, 100, 3, target_tokens=25)
+    # A full window of max_context 50, --rlp-min-context 3: 48 candidates; F = 0.05 keeps 3 < k = 4.
+    config = RLPConfig(rlp_position_filter="entropy", rlp_entropy_top_frac=0.05, rlp_positions_per_doc=4,
+                       rlp_min_context=3)
+    with pytest.raises(ValueError, match=r"--rlp-entropy-top-frac 0.05 keeps 3 of the 48 candidate positions.*"
+                                         r"fewer than --rlp-positions-per-doc 4; raise --rlp-entropy-top-frac to at "
+                                         r"least 0.08333"):
+        validate_position_filter(config, 50)
+    validate_position_filter(RLPConfig(rlp_position_filter="entropy", rlp_entropy_top_frac=0.07,
+                                       rlp_positions_per_doc=4, rlp_min_context=3), 50)
+    validate_position_filter(RLPConfig(rlp_entropy_top_frac=0.01, rlp_positions_per_doc=4), 50)  # filter off
