@@ -326,7 +326,9 @@ def test_chunks_with_megatrons_fused_softmax(tp1, monkeypatch):
     assert ("masked", (2, 4, 8, 24)) in calls and ("masked", (2, 4, 8, 32)) in calls
     assert all(shape[-2] == shape[-1] for kind, shape in calls if kind == "causal")
     (plain, _), _ = _chunked_and_stepped(models[False], ids, ends)
-    torch.testing.assert_close(fused.float(), plain.float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(fused.float(), plain.float(), atol=1e-3, rtol=0)  # same math
+    full = _full_logits(models[False], ids).float()  # |logits| < 1 here; bf16 rounding ~4e-3
+    torch.testing.assert_close(fused.float(), full, atol=1e-2, rtol=0)
 
 
 def test_fork_one_prefill_into_k_continuations(tp1):
