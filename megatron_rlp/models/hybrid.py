@@ -19,7 +19,10 @@ What this module changes, and nothing more:
   inference context, not to the module: it reuses the context's conv/SSM states whenever their batch
   size matches, so a context whose rows were forked (:func:`fork_inference_state`), or several
   contexts used in turn, keep their states.  (Stock ``MambaMixer`` remembers one
-  ``cached_batch_size`` per module and silently re-allocates zero states when it differs.)
+  ``cached_batch_size`` per module and silently re-allocates zero states when it differs.)  It
+  also continues a multi-token chunk from those states (:meth:`HybridMambaMixer.ssm_continue`).
+* :class:`HybridSelfAttention` — ``SelfAttention`` whose multi-token call at a non-zero cache
+  offset is causal (megatron drops the mask there).
 * :func:`hybrid_stack_spec` — the TE-free spec: megatron's local ``ColumnParallelLinear`` /
   ``RowParallelLinear``, ``DotProductAttention``, :class:`~megatron_rlp.models.norm.ConfigRMSNorm`
   (``torch.nn.RMSNorm``, sequence-parallel capable) for every pre-norm and the final norm,
@@ -37,9 +40,25 @@ Inference state (``StaticInferenceContext.key_value_memory_dict``, keyed by glob
   the prefill.
 * Attention layer ``n``: ``(key, value)`` buffers [max_sequence_length, max_batch_size,
   kv_groups_local, kv_channels]; batch is dim 1, rows ``batch_size_offset : +batch``.
-* Decoding is one token per call (``sequence_len_offset > 0`` means decode to the mixer); keep
-  ``batch_size_offset = 0`` (the Mamba states ignore it).  :func:`inference_state_layout` names the
-  kind of every key, :func:`fork_inference_state` re-indexes all of them at once.
+* A call at ``sequence_len_offset > 0`` continues the sequence: one token is megatron's decode
+  step; several tokens (a chunk, e.g. the sampler's prefill from one sampled position to the next)
+  run :meth:`HybridMambaMixer.ssm_continue` in the Mamba layers (convolution and scan from the
+  held conv/SSM states) and :class:`HybridSelfAttention`'s causal append in the attention layers,
+  where megatron-core 0.16.1 supports only one token.  Keep ``batch_size_offset = 0`` (the Mamba
+  states ignore it).  :func:`inference_state_layout` names the kind of every key,
+  :func:`fork_inference_state` re-indexes all of them at once.
+
+Chunk continuation, what ran where.  Checked on CPU only: in fp32, the conv/SSM states after
+every chunk, the attention caches and the logits against megatron's one-token decode path and a
+plain forward (the torch scan and ``torch.nn.Conv1d``; megatron's local attention, and a stand-in
+core attention that, like Transformer Engine's, applies the mask type it is handed and ignores
+explicit masks); in bf16, megatron's fused-softmax dispatch with CPU stand-ins for the CUDA
+softmax kernels.  Not run (no GPU): the kernels this path selects when they import — mamba-ssm's
+``mamba_chunk_scan_combined`` with ``initial_states`` (the kernel the mixer's own prefill calls),
+causal-conv1d's ``causal_conv1d_fn`` with ``initial_states``, Transformer Engine's attention with
+``causal_bottom_right``.  In bf16 the chunked path keeps the SSM state in fp32 within a chunk while
+one-token decoding rounds it to the state's dtype (megatron allocates it in the parameters' dtype)
+after every token, so the two differ by that rounding, the chunked path being the more accurate.
 """
 
 from __future__ import annotations
@@ -83,6 +102,7 @@ __all__ = [
     "ConfigRMSNorm",
     "ShardedGatedRMSNorm",
     "HybridMambaMixer",
+    "HybridSelfAttention",
     "HybridMambaStack",
     "install_torch_mamba_ops",
     "hybrid_transformer_config",
@@ -131,8 +151,94 @@ class HybridMambaMixer(MambaMixer):
         if isinstance(packed_seq_params, SharedPrefixLayout):  # the RLP update's packed rows
             zxBCdt, _ = self.in_proj(hidden_states)
             return self.out_proj(shared_prefix_ssm(self, zxBCdt, packed_seq_params))
+        context = inference_context if inference_context is not None else inference_params
+        if _continues_chunk(context, self.training, hidden_states.shape[0]):
+            conv_state, ssm_state = self._states_to_continue(context, hidden_states.shape[1])
+            zxBCdt, _ = self.in_proj(hidden_states)
+            return self.out_proj(self.ssm_continue(zxBCdt, conv_state, ssm_state))
         return super().forward(hidden_states, inference_context, inference_params=inference_params,
                                packed_seq_params=packed_seq_params)
+
+    def _states_to_continue(self, context, batch_size):
+        states = context.key_value_memory_dict.get(self.layer_number)
+        if states is None or states[0].shape[0] != batch_size:
+            have = "none" if states is None else f"batch {states[0].shape[0]}"
+            raise ValueError(
+                f"Mamba layer {self.layer_number}: a {batch_size}-row chunk at sequence offset "
+                f"{context.sequence_len_offset} continues the conv/SSM states of an earlier call, "
+                f"but the inference context holds {have}; run the sequence from offset 0 with the "
+                "same batch first (or fork the context with fork_inference_state)"
+            )
+        return states
+
+    def ssm_continue(self, zxBCdt: torch.Tensor, conv_state: torch.Tensor,
+                     ssm_state: torch.Tensor) -> torch.Tensor:
+        """Convolution + scan + gated norm of a multi-token chunk that continues a sequence: the
+        chunk's input projection ``zxBCdt`` [L, b, D] starts from ``conv_state`` [b, conv_dim,
+        d_conv] (the last d_conv inputs of the convolution; the newest d_conv - 1 of them are the
+        window the chunk's first outputs read) and ``ssm_state`` [b, heads, head_dim, d_state]
+        (the scan's initial state).  Both are updated in place to the states after the chunk's
+        last token, what L one-token decode steps leave there.  Returns y [L, b, d_inner] for
+        ``out_proj``.
+
+        Kernels: the scan is the mixer module's ``mamba_chunk_scan_combined`` with
+        ``initial_states`` and ``return_final_states`` (mamba-ssm's Triton kernel on a GPU, the
+        torch scan of :mod:`~megatron_rlp.models.mamba_torch` without it); the convolution is
+        causal-conv1d's ``causal_conv1d_fn`` with ``initial_states`` when it imports (channels-last
+        inputs, as that kernel requires), else the mixer's ``torch.nn.Conv1d`` over the window
+        followed by the chunk.  The new conv state is the last d_conv columns of
+        [old state | chunk inputs] (chunks shorter than d_conv keep part of the old window).
+        """
+        if self.cp.cp_size != 1:
+            raise NotImplementedError("continuing a Mamba chunk from a state needs context parallelism off")
+        length = zxBCdt.shape[0]
+        d_inner, ngroups, nheads = self.cp.d_inner_local_tpcp, self.cp.ngroups_local_tpcp, self.cp.nheads_local_tpcp
+        z, xBC, dt = torch.split(
+            zxBCdt.transpose(0, 1), [d_inner, d_inner + 2 * ngroups * self.d_state, nheads], dim=-1
+        )  # [b, L, ...]
+        xBC = xBC.contiguous().transpose(1, 2)  # [b, conv_dim, L], channels-last in memory
+        window = conv_state[:, :, 1:]  # the last d_conv - 1 inputs
+        conv_fn = _mixer_module.causal_conv1d_fn
+        if conv_fn is not None and self.activation in ("silu", "swish"):
+            conv_out = conv_fn(
+                x=xBC,
+                weight=self.cp.get_conv1d_weight().squeeze(1),
+                bias=self.cp.get_conv1d_bias(),
+                activation=self.activation,
+                initial_states=window.transpose(1, 2).contiguous().transpose(1, 2),
+            )
+        else:
+            width = self.d_conv - 1
+            conv_in = torch.cat([window.to(xBC.dtype), xBC], dim=-1)
+            conv_out = self.act(self.cp.conv1d(conv_in)[..., width : width + length])
+        conv_state.copy_(torch.cat([conv_state, xBC.to(conv_state.dtype)], dim=-1)[..., -self.d_conv :])
+
+        x, B, C = torch.split(
+            conv_out.transpose(1, 2), [d_inner, ngroups * self.d_state, ngroups * self.d_state], dim=-1
+        )
+        p, n = self.headdim, self.d_state
+        D = self.cp.get_D()
+        if self.D_has_hdim:
+            D = D.float().view(nheads, p)
+        y, final_state = _mixer_module.mamba_chunk_scan_combined(
+            x.reshape(*x.shape[:2], nheads, p).contiguous(),
+            dt.contiguous(),
+            -torch.exp(self.cp.get_A_log().float()),
+            B.reshape(*B.shape[:2], ngroups, n).contiguous(),
+            C.reshape(*C.shape[:2], ngroups, n).contiguous(),
+            self.chunk_size,
+            D=D,
+            z=None if self.rmsnorm else z.reshape(*z.shape[:2], nheads, p).contiguous(),
+            dt_bias=self.cp.get_dt_bias().float(),
+            dt_softplus=True,
+            initial_states=ssm_state,
+            return_final_states=True,
+        )
+        ssm_state.copy_(final_state)
+        y = y.reshape(*y.shape[:2], nheads * p).transpose(0, 1).contiguous()  # [L, b, d_inner]
+        if self.rmsnorm:
+            y = self.norm(y, z.transpose(0, 1).contiguous())
+        return y
 
     def _get_states_from_cache(self, inference_context, batch_size, *, inference_params=None):
         context = inference_context if inference_context is not None else inference_params
@@ -144,6 +250,73 @@ class HybridMambaMixer(MambaMixer):
         return super()._get_states_from_cache(
             inference_context, batch_size, inference_params=inference_params
         )
+
+
+def _continues_chunk(context, training: bool, length: int) -> bool:
+    """Whether a forward of ``length`` tokens continues a sequence held in a static inference
+    context with more than one token: megatron-core 0.16.1 handles a call at a non-zero
+    ``sequence_len_offset`` only as a one-token decode (the mixer asserts one token; the attention
+    drops its causal mask)."""
+    return (
+        context is not None
+        and not training
+        and context.is_static_batching()
+        and context.sequence_len_offset > 0
+        and length > 1
+    )
+
+
+class HybridSelfAttention(SelfAttention):
+    """``SelfAttention`` that appends a multi-token chunk to a static KV cache causally.
+
+    At ``sequence_len_offset > 0`` megatron's attention stores the chunk's K/V at slots
+    ``offset : offset + s`` and attends over slots ``0 : offset + s`` with ``no_mask``: right for
+    one query token, wrong for s > 1 (every chunk token would see the later ones).  When such a
+    call carries no ``attention_mask`` of its own, this class makes it causal with the keys
+    right-aligned to the queries (query i sees slots up to ``offset + i``):
+
+    * the mask type handed to the core attention becomes ``causal_bottom_right`` — what Transformer
+      Engine's ``DotProductAttention`` applies (flash-attention / cuDNN kernels);
+    * megatron's local ``DotProductAttention`` ignores the mask type and reads an explicit mask, so
+      it gets the [1, 1, s, offset + s] bottom-right causal mask, with its softmax switched to
+      ``padding`` for the call (its causal variant takes the fused upper-triangular kernel, which
+      asserts queries == keys, wherever that kernel qualifies).
+
+    Calls with a mask (the sampler's decode steps), at offset 0, or in training are unchanged.
+    """
+
+    _chunk_after_cache = False
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        context = kwargs.get("inference_context")
+        if context is None:
+            context = kwargs.get("inference_params")
+        length = hidden_states.shape[0]
+        if attention_mask is not None or not _continues_chunk(context, self.training, length):
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        softmax = None
+        if isinstance(self.core_attention, DotProductAttention):
+            keys = context.sequence_len_offset + length
+            query_slot = torch.arange(keys - length, keys, device=hidden_states.device)
+            key_slot = torch.arange(keys, device=hidden_states.device)
+            attention_mask = (key_slot[None, :] > query_slot[:, None]).view(1, 1, length, keys)
+            softmax = self.core_attention.scale_mask_softmax
+            saved_type = softmax.attn_mask_type
+            softmax.attn_mask_type = AttnMaskType.padding
+        self._chunk_after_cache = True
+        try:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        finally:
+            self._chunk_after_cache = False
+            if softmax is not None:
+                softmax.attn_mask_type = saved_type
+
+    def _adjust_key_value_for_inference(self, *args, **kwargs):
+        adjusted = super()._adjust_key_value_for_inference(*args, **kwargs)
+        if not self._chunk_after_cache:
+            return adjusted
+        query, key, value, rotary_pos_emb, _, block_table = adjusted
+        return query, key, value, rotary_pos_emb, AttnMaskType.causal_bottom_right, block_table
 
 
 class HybridMambaStack(MambaStack):
@@ -343,7 +516,7 @@ def hybrid_stack_spec(preset: ModelPreset, use_te: Optional[bool] = None) -> Mod
         layer = replace(layer, submodules=replace(layer.submodules, mixer=mixer))
         attention = stack.attention_layer
         self_attention = attention.submodules.self_attention
-        self_attention = replace(self_attention, submodules=replace(
+        self_attention = replace(self_attention, module=HybridSelfAttention, submodules=replace(
             self_attention.submodules,
             core_attention=shared_prefix_core_attention(self_attention.submodules.core_attention)))
         attention = replace(attention, submodules=replace(attention.submodules, self_attention=self_attention))
@@ -374,7 +547,7 @@ def hybrid_stack_spec(preset: ModelPreset, use_te: Optional[bool] = None) -> Mod
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=HybridSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,

@@ -7,8 +7,9 @@ same inputs):
 1. **Prefill** (:class:`~megatron_rlp.sampling.thoughts.PrefillJob`): each document is run once,
    up to its largest sampled position, with megatron's ``StaticInferenceContext`` KV cache.  The
    cache of x_<t for any position t of that document is then its first t slots — no prefix is
-   recomputed per position or per thought.  (Hybrid models: see ``PrefillJob`` for the Mamba
-   states.)
+   recomputed per position or per thought.  Hybrid models: one prefill job per document whose
+   calls end at its sampled positions (k forwards for k positions, multi-token chunks continued
+   from the Mamba states), the Mamba states snapshotted at every position (see ``PrefillJob``).
 2. **Fork**: the contexts (and their branches) are grouped into micro-batches; each micro-batch
    gets its own inference context, built from the prefill caches: attention K/V of x_<t copied
    into the last t slots before the micro-batch's alignment slot A (keys are cached before RoPE,
@@ -154,12 +155,17 @@ def _chunks(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _plan_prefill(contexts, stage: StageInfo) -> list[list[int]]:
-    """Documents (those with positions), longest last, in ``pp_size`` groups at PP > 1."""
+def _plan_prefill(contexts, stage: StageInfo, segmented: bool = False) -> list[list[int]]:
+    """Documents (those with positions), longest last, in ``pp_size`` groups at PP > 1; with
+    ``segmented`` (hybrid models) one document per group, so that each document's prefill calls
+    end at its own sampled positions (k forwards for k positions; rows of one static context
+    share the call boundaries)."""
     longest: dict[int, int] = {}
     for b, t in contexts:
         longest[b] = max(longest.get(b, 0), t)
     docs = sorted(longest, key=lambda b: (longest[b], b))
+    if segmented:
+        return [[b] for b in docs]
     per = len(docs) if stage.pp_size == 1 else math.ceil(len(docs) / stage.pp_size)
     return [[docs[i] for i in r] for r in _chunks(len(docs), per)]
 
@@ -347,7 +353,7 @@ def sample_thoughts(
 
             prefill_jobs = [
                 PrefillJob(docs, documents, contexts_of_doc, has_mamba, mamba_layers, device)
-                for docs in _plan_prefill(contexts, stage)
+                for docs in _plan_prefill(contexts, stage, segmented=has_mamba)
             ]
             prefill = run_pipelined(model, stage, prefill_jobs, feedback=False)
             prefill_of = {}

@@ -168,10 +168,15 @@ class PrefillJob:
     documents are padded on the right, which causal attention never reads back).  Afterwards the
     KV cache of x_<t of every context is the first t slots of its document's row.
 
-    Hybrid (Mamba layers): a Mamba layer keeps only the state after the last token it consumed, so
-    the call covers document[:t_min] and the remaining tokens up to P are consumed one per call
-    (megatron's mixer decodes one token per call at a non-zero offset); after the token t-1 the
-    Mamba states of each context at position t are copied out (on every stage, for its layers).
+    Hybrid (Mamba layers, ``segmented``): a Mamba layer keeps only the state after the last token
+    it consumed, so the calls end at the sampled positions t_1 < t_2 < ... < t_k (distinct
+    positions of these documents): step 0 covers document[:t_1], step i document[t_i : t_{i+1}]
+    — k forwards, each a multi-token chunk (a one-token chunk where two positions are adjacent)
+    that the Mamba layers continue from their conv/SSM states and the attention layers append to
+    their KV cache causally (``megatron_rlp.models.hybrid``: ``HybridMambaMixer.ssm_continue``,
+    ``HybridSelfAttention``).  After the step ending at t the Mamba states of every context at
+    position t are copied out (on every stage, for its layers).  ``ends`` lists the last slot + 1
+    of every step; ``forwards`` counts the executed steps.
     """
 
     def __init__(
@@ -179,14 +184,14 @@ class PrefillJob:
         docs: list[int],
         documents: Sequence[torch.Tensor],
         contexts_of_doc: dict[int, list[tuple[int, int]]],
-        stepping: bool,
+        segmented: bool,
         mamba_layers: list[int],
         device: torch.device,
     ):
         self.docs = docs
         ts = [t for b in docs for _, t in contexts_of_doc[b]]
         self.length = max(ts)
-        self.first = min(ts) if stepping else self.length
+        self.ends = sorted(set(ts)) if segmented else [self.length]
         tokens = torch.zeros(len(docs), self.length, dtype=torch.int64)
         for i, b in enumerate(docs):
             n = min(documents[b].numel(), self.length)
@@ -194,7 +199,8 @@ class PrefillJob:
         self.tokens = tokens.to(device)
         self.batch_size = len(docs)
         self.feedback_size = 0  # teacher-forced: nothing comes back from the last stage
-        self.num_steps = 1 + self.length - self.first
+        self.num_steps = len(self.ends)
+        self.forwards = 0
         self.active = True
         self.context = StaticInferenceContext(self.batch_size, self.length)
         self.context.materialize_only_last_token_logits = False
@@ -212,18 +218,14 @@ class PrefillJob:
         return self.batch_size * self.length
 
     def step_input(self, step: int) -> StepInput:
-        b = self.batch_size
-        if step == 0:
-            ids = self.tokens[:, : self.first]
-            pos = torch.arange(self.first, device=self.device).expand(b, -1)
-            return StepInput(ids, pos, None, self.first)
-        slot = self.first + step - 1
-        pos = torch.full((b, 1), slot, dtype=torch.int64, device=self.device)
-        return StepInput(self.tokens[:, slot : slot + 1], pos, None, 1)
+        start = self.ends[step - 1] if step else 0
+        end = self.ends[step]
+        pos = torch.arange(start, end, device=self.device).expand(self.batch_size, -1)
+        return StepInput(self.tokens[:, start:end], pos, None, end - start)
 
     def after_forward(self, step: int) -> None:
-        consumed = self.first + step
-        for n, row in self.snap_at.get(consumed, []):
+        self.forwards += 1
+        for n, row in self.snap_at.get(self.ends[step], []):
             states = self.snapshots.setdefault(n, {})
             for layer in self.mamba_layers:
                 conv, ssm = self.context.key_value_memory_dict[layer]

@@ -221,6 +221,8 @@ def test_hybrid_tp2_and_pp2_match_tp1(model_parallel):
         for temperature in (0.0, 0.8):
             batch = _sample(model, temperature, micro_batch_size=5)
             assert batch.stats["layout"] == "rows"
+            # the prefill in segments, on every stage: one call per sampled position
+            assert batch.stats["prefill_forwards"] == 5 and batch.stats["prefill_microbatches"] == 3
             _assert_matches(batch, ref[temperature])
             _assert_same_on_group(batch, dist.group.WORLD)
 

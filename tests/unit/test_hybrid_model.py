@@ -1,8 +1,12 @@
 """megatron-core MambaModel with the TE-free hybrid spec (tiny-hybrid, TP=1, one process).
 
 Forward + backward, prefill + single-token decode through megatron's StaticInferenceContext
-against the full forward, and forking one prefilled row into K continuations.
+against the full forward, multi-token chunks at a cache offset against one-token decoding, and
+forking one prefilled row into K continuations.
 """
+
+import sys
+import types
 
 import pytest
 import torch
@@ -11,11 +15,14 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.ssm.mamba_layer import MambaLayer
 from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_rlp.models.builder import build_model, transformer_config
 from megatron_rlp.models.hybrid import (
     HybridMambaMixer,
+    HybridSelfAttention,
     ShardedGatedRMSNorm,
     build_hybrid_model,
     fork_inference_state,
@@ -166,6 +173,162 @@ def test_prefill_then_decode_matches_full_forward(tp1):
     corrupted = _step(model, context, nxt)
     expected = _full_logits(model, torch.cat([ids, nxt], dim=1))[:, -1]
     assert (corrupted[:, 0] - expected).abs().max() > 1e-4
+
+
+def _states(context):
+    """Copies of every layer's inference state (Mamba conv/SSM, attention K/V)."""
+    return {layer: tuple(x.clone() for x in state) for layer, state in context.key_value_memory_dict.items()}
+
+
+def _assert_same_states(model, a, b, slots):
+    assert a.keys() == b.keys()
+    for layer, kind in inference_state_layout(model).items():
+        for x, y in zip(a[layer], b[layer]):
+            if kind == "attention":  # [slots, batch, groups, dim]: the filled slots
+                x, y = x[:slots], y[:slots]
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+# Chunk ends: chunks of 5 (offset 0), 2 (< d_conv), 1 (megatron's own decode), 3, 8 (two scan
+# chunks of 4 from an initial state, not aligned), 7.
+CHUNK_ENDS = [5, 7, 8, 11, 19, 26]
+
+
+def _chunked_and_stepped(model, ids, ends):
+    """Logits and states at every end: one call per chunk, and one call up to ends[0] then one
+    token per call."""
+    batch, length = ids.shape
+    results = []
+    for bounds in (ends, [ends[0]] + list(range(ends[0] + 1, length + 1))):
+        context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=length + 2)
+        context.materialize_only_last_token_logits = False
+        logits, states, start = [], {}, 0
+        for end in bounds:
+            logits.append(_step(model, context, ids[:, start:end]))
+            start = end
+            if end in ends:
+                states[end] = _states(context)
+        results.append((torch.cat(logits, dim=1), states))
+    return results
+
+
+def test_chunks_at_an_offset_match_one_token_decode(tp1):
+    """A multi-token call at a non-zero offset (megatron runs only one token there) continues the
+    Mamba conv/SSM states and appends to the KV cache causally: every state at every chunk end,
+    and every logit, equal one-token decoding and the plain forward."""
+    model = _model(chunk_size=4).eval()
+    assert all(isinstance(m, HybridSelfAttention) for m in model.modules() if isinstance(m, SelfAttention))
+    ids = _tokens(2, CHUNK_ENDS[-1], seed=9)
+    (chunked, chunk_states), (stepped, step_states) = _chunked_and_stepped(model, ids, CHUNK_ENDS)
+    torch.testing.assert_close(chunked, stepped, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked, _full_logits(model, ids), atol=1e-5, rtol=0)
+    for end in CHUNK_ENDS:
+        _assert_same_states(model, chunk_states[end], step_states[end], end)
+
+
+def test_chunk_continuation_needs_the_earlier_state(tp1):
+    model = _model().eval()
+    context = StaticInferenceContext(max_batch_size=2, max_sequence_length=16)
+    _step(model, context, _tokens(2, 4))
+    other = StaticInferenceContext(max_batch_size=1, max_sequence_length=16)
+    other.sequence_len_offset = 4  # nothing ran in this context
+    with pytest.raises(ValueError, match="continues the conv/SSM states"):
+        _step(model, other, _tokens(1, 3))
+
+
+class MaskTypeAttention(torch.nn.Module):
+    """Core attention that, like Transformer Engine's, applies the mask *type* it is handed
+    (causal = top-left, causal_bottom_right, no_mask) and ignores explicit masks."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **kwargs):
+        sq, sk, heads = query.shape[0], key.shape[0], query.shape[2]
+        key = key.repeat_interleave(heads // key.shape[2], dim=2)
+        value = value.repeat_interleave(heads // value.shape[2], dim=2)
+        scores = torch.einsum("qbhd,kbhd->bhqk", query, key) * self.scale
+        if attn_mask_type == AttnMaskType.causal:
+            hidden = torch.ones(sq, sk, dtype=torch.bool).triu(1)
+        elif attn_mask_type == AttnMaskType.causal_bottom_right:
+            hidden = torch.ones(sq, sk, dtype=torch.bool).triu(sk - sq + 1)
+        else:
+            assert attn_mask_type == AttnMaskType.no_mask, attn_mask_type
+            hidden = torch.zeros(sq, sk, dtype=torch.bool)
+        probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+        out = torch.einsum("bhqk,kbhd->qbhd", probs, value)
+        return out.reshape(sq, out.shape[1], -1)
+
+
+def test_chunks_with_an_attention_that_reads_only_the_mask_type(tp1, monkeypatch):
+    """Transformer Engine's attention ignores explicit masks: the chunk must reach it as
+    causal_bottom_right (megatron hands it no_mask at a non-zero offset)."""
+    model = _model(chunk_size=4).eval()
+    for m in model.modules():
+        if isinstance(m, HybridSelfAttention):
+            m.core_attention = MaskTypeAttention(m.core_attention.softmax_scale)
+    ids = _tokens(2, CHUNK_ENDS[-1], seed=10)
+    full = _full_logits(model, ids)
+    (chunked, chunk_states), (stepped, step_states) = _chunked_and_stepped(model, ids, CHUNK_ENDS)
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
+    for end in CHUNK_ENDS:
+        _assert_same_states(model, chunk_states[end], step_states[end], end)
+    # megatron's own mask type (no_mask) lets a chunk's tokens see the later ones.
+    monkeypatch.setattr(HybridSelfAttention, "_adjust_key_value_for_inference",
+                        SelfAttention._adjust_key_value_for_inference)
+    (unmasked, _), _ = _chunked_and_stepped(model, ids, CHUNK_ENDS)
+    assert (unmasked - full).abs().max() > 1e-4
+
+
+def _fused_softmax_kernels(monkeypatch, calls):
+    """CPU stand-ins for apex's fused softmax extensions (the causal one computes a square
+    upper-triangular softmax; megatron asserts queries == keys before calling it)."""
+
+    def causal(x, scale):
+        calls.append(("causal", tuple(x.shape)))
+        future = torch.ones(x.shape[1:], dtype=torch.bool).triu(1)
+        return torch.softmax((x.float() * float(scale)).masked_fill(future, -10000.0), -1).to(x.dtype)
+
+    def masked(x, mask, scale):
+        calls.append(("masked", tuple(x.shape)))
+        return torch.softmax((x.float() * float(scale)).masked_fill(mask, -10000.0), -1).to(x.dtype)
+
+    def batch_per_block(sq, sk, b, np):  # scaled_masked_softmax.h
+        pow2 = 1 << max(0, (sk - 1).bit_length())
+        return (128 // min(pow2, 32)) * (2 if pow2 <= 128 else 1)
+
+    for name, attrs in (("scaled_upper_triang_masked_softmax_cuda", {"forward": causal}),
+                        ("scaled_masked_softmax_cuda", {"forward": masked, "get_batch_per_block": batch_per_block})):
+        module = types.ModuleType(name)
+        for key, value in attrs.items():
+            setattr(module, key, value)
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_chunks_with_megatrons_fused_softmax(tp1, monkeypatch):
+    """bf16 with masked_softmax_fusion (the GPU default without Transformer Engine): a chunk of 8
+    queries against 24 and 32 keys qualifies for the fused kernels; it must take the masked one
+    with the bottom-right mask, not the causal one (queries == keys only)."""
+    calls = []
+    _fused_softmax_kernels(monkeypatch, calls)
+    models = {}
+    for fusion in (True, False):
+        config = transformer_config(PRESET, params_dtype=torch.bfloat16)
+        config.masked_softmax_fusion = fusion
+        models[fusion] = build_model(PRESET, config).eval()
+    models[False].load_state_dict(models[True].state_dict())
+    ids = _tokens(2, 32, seed=11)
+    ends = [8, 16, 24, 32]
+    (fused, _), _ = _chunked_and_stepped(models[True], ids, ends)
+    assert ("masked", (2, 4, 8, 24)) in calls and ("masked", (2, 4, 8, 32)) in calls
+    assert all(shape[-2] == shape[-1] for kind, shape in calls if kind == "causal")
+    (plain, _), _ = _chunked_and_stepped(models[False], ids, ends)
+    torch.testing.assert_close(fused.float(), plain.float(), atol=1e-3, rtol=0)  # same math
+    full = _full_logits(models[False], ids).float()  # |logits| < 1 here; bf16 rounding ~4e-3
+    torch.testing.assert_close(fused.float(), full, atol=1e-2, rtol=0)
 
 
 def test_fork_one_prefill_into_k_continuations(tp1):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_rlp.models.builder import build_model, transformer_config
+from megatron_rlp.models.hybrid import inference_state_layout
 from megatron_rlp.models.init import initialize_layout_invariant
 from megatron_rlp.models.presets import get_preset
 from megatron_rlp.sampling import (
@@ -25,7 +26,8 @@ from megatron_rlp.sampling import (
 )
 from megatron_rlp.sampling.vocab_parallel import hash_to_unit
 from megatron_rlp.sampling import sampler as sampler_module
-from megatron_rlp.sampling.pipeline import schedule_bubble
+from megatron_rlp.sampling.pipeline import StageInfo, run_pipelined, schedule_bubble, vocab_shard_logits
+from megatron_rlp.sampling.thoughts import PrefillJob
 from megatron_rlp.training import parallel
 
 GPT = get_preset("tiny").replace(tie_embeddings=False, num_layers=2)
@@ -307,8 +309,8 @@ def test_hybrid_cached_decoding_matches_full_recompute(models):
     for temperature in (0.0, 0.8):
         batch = _sample(model, docs, temperature=temperature, length=5)
         assert batch.stats["layout"] == "rows"
-        # one prefill call up to the smallest position (3), then one token per call up to 25
-        assert batch.stats["prefill_forwards"] == 1 + 25 - 3
+        # one prefill job per document, one call per sampled position (3 + 1 + 2)
+        assert batch.stats["prefill_forwards"] == 6
         assert batch.stats["decode_microbatches"] == 1
         logp = _check_against_full_forward(model, docs, batch)
         assert torch.isfinite(logp).all()
@@ -319,6 +321,85 @@ def test_hybrid_cached_decoding_matches_full_recompute(models):
     assert torch.equal(split.tokens, batch.tokens)
     with pytest.raises(ValueError, match="'tree' decode layout"):
         _sample(model, docs, layout="tree")
+
+
+class _TokenByTokenPrefill(PrefillJob):
+    """The hybrid prefill before segments: one call up to the first sampled position, then one
+    token per call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        first = self.ends[0]
+        self.ends = [first] + list(range(first + 1, self.length + 1))
+        self.num_steps = len(self.ends)
+
+
+def _contexts_of_doc(positions):
+    contexts = [(b, t) for b, ts in enumerate(positions) for t in ts]
+    by_doc = {}
+    for n, (b, t) in enumerate(contexts):
+        by_doc.setdefault(b, []).append((n, t))
+    return by_doc
+
+
+def test_hybrid_prefill_in_segments_matches_token_by_token(models):
+    """One call per sampled position (multi-token chunks continued from the Mamba states): the
+    conv/SSM snapshots at every position and the final hidden states of every token equal the
+    one-token-per-call prefill; the logits equal a plain forward."""
+    model = models["hybrid"].eval()
+    docs, by_doc = _docs(3), _contexts_of_doc(POSITIONS)
+    mamba = [layer for layer, kind in inference_state_layout(model).items() if kind == "mamba"]
+
+    def run(job_class, job_docs):
+        job = job_class(job_docs, docs, by_doc, True, mamba, torch.device("cpu"))
+        hidden = []
+        job.on_output = lambda step, h: hidden.append(h)
+        with torch.no_grad():
+            run_pipelined(model, StageInfo.current(), [job], feedback=False)
+        return job, torch.cat(hidden)  # [P, b, h]
+
+    for job_docs in ([0], [2], [0, 1, 2]):  # one document per job (the sampler's plan), and a batch
+        seg, seg_hidden = run(PrefillJob, job_docs)
+        tok, tok_hidden = run(_TokenByTokenPrefill, job_docs)
+        ends = sorted({t for b in job_docs for t in POSITIONS[b]})
+        assert seg.ends == ends and seg.forwards == len(ends)
+        assert tok.forwards == 1 + ends[-1] - ends[0]
+        torch.testing.assert_close(seg_hidden, tok_hidden, atol=1e-5, rtol=0)
+        length, batch, hidden_size = seg_hidden.shape
+        logits = vocab_shard_logits(model, seg_hidden.reshape(-1, hidden_size)).view(length, batch, -1)
+        with torch.no_grad():
+            full = model(seg.tokens, torch.arange(length).expand(batch, -1), None).float()
+        torch.testing.assert_close(logits.transpose(0, 1), full, atol=1e-5, rtol=0)
+        contexts = {n for b in job_docs for n, _ in by_doc[b]}
+        assert seg.snapshots.keys() == tok.snapshots.keys() == contexts
+        for n in contexts:
+            for layer in mamba:
+                for a, b in zip(seg.snapshots[n][layer], tok.snapshots[n][layer]):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_hybrid_prefill_in_segments_keeps_the_thoughts(models, monkeypatch, temperature):
+    model = models["hybrid"]
+    docs = _docs(3)
+    jobs = []
+
+    class Counted(PrefillJob):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            jobs.append(self)
+
+    monkeypatch.setattr(sampler_module, "PrefillJob", Counted)
+    seg = _sample(model, docs, temperature=temperature, length=5)
+    # k forwards for the k positions of each document: [5, 17, 9], [12], [3, 25]
+    assert {tuple(job.docs): job.forwards for job in jobs} == {(0,): 3, (1,): 1, (2,): 2}
+    monkeypatch.setattr(sampler_module, "PrefillJob", _TokenByTokenPrefill)
+    tok = _sample(model, docs, temperature=temperature, length=5)
+    assert tok.stats["prefill_forwards"] == 13 + 1 + 23
+    for name in ("tokens", "lengths", "stop_reason"):
+        assert torch.equal(getattr(seg, name), getattr(tok, name)), name
+    torch.testing.assert_close(seg.logprobs, tok.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(seg.tempered_logprobs, tok.tempered_logprobs, atol=1e-5, rtol=0)
 
 
 def test_padded_vocabulary_is_never_sampled(models):
