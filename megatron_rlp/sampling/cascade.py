@@ -219,44 +219,74 @@ class CascadeThoughtJob:
         self.row_slot = torch.tensor(slots, dtype=torch.int64, device=dev)
         self.ctx_len = torch.tensor(ctx_lengths, dtype=torch.int64, device=dev)
         self.row_len = self.ctx_len[self.row_ctx]
+        self.flat_slot = self.row_ctx * self.slots + self.row_slot  # (context, slot) of each row
         self.batch_size = len(live)
         self.feedback_size = 2 * len(live)  # ids and done flags of the current rows
 
     # ------------------------------------------------------------------ caches
 
     def build(self, prefill_of: dict, state_kinds: dict) -> None:
-        """Copy the prefill caches of this micro-batch's contexts into its own caches."""
+        """Copy the prefill caches of this micro-batch's contexts into its own caches.
+
+        Layouts: flash-attention takes [B, keys, groups, dim] caches; the torch path keeps keys
+        transposed, [B, groups, dim, keys], and values [B, groups, keys, dim], so both products
+        of a step are plain batched matmuls over the cache as stored (no per-step copy)."""
         c, r, length = len(self.ctx_len_h), self.batch_size, self.num_steps
-        width = max(self.ctx_len_h)
-        self.rope = _rope_angles(self.model, width + length + 1, self.device)
+        width = self.ctx_width = max(self.ctx_len_h)
+        rope = _rope_angles(self.model, width + length + 1, self.device)
         rotate_keys = not getattr(self.config, "flash_decode", False)  # else cached rotated
         self.ctx_k, self.ctx_v, self.own_k, self.own_v, self.mamba = {}, {}, {}, {}, {}
+        self.flash = None
         for layer, kind in state_kinds.items():
             if kind == "attention":
                 job0 = prefill_of[self.context_ids[0]][0]
                 k0, _ = job0.context.key_value_memory_dict[layer]
-                shape = (c, width) + tuple(k0.shape[2:])
-                key = torch.zeros(shape, dtype=k0.dtype, device=self.device)
+                groups, dim = k0.shape[2], k0.shape[3]
+                if self.flash is None:
+                    self.flash = _use_flash(k0)
+                    self.dtype = k0.dtype
+                    self.upcast = k0.dtype != torch.float32  # scores in fp32, as megatron's softmax
+                    self.heads = (groups, self.config.num_attention_heads // self.config.num_query_groups, dim)
+                key = torch.zeros(c, width, groups, dim, dtype=k0.dtype, device=self.device)
                 value = torch.zeros_like(key)
                 for i, n in enumerate(self.context_ids):
                     job, row, t = prefill_of[n]
                     src_k, src_v = job.context.key_value_memory_dict[layer]
                     key[i, :t] = src_k[:t, row]
                     value[i, :t] = src_v[:t, row]
-                if self.rope is not None and rotate_keys:  # slot j is position j
-                    key = _rotate(key, self.rope[:width, None, :], self.config)
-                self.ctx_k[layer], self.ctx_v[layer] = key, value
-                own = (r, length) + tuple(k0.shape[2:])
-                self.own_k[layer] = torch.zeros(own, dtype=k0.dtype, device=self.device)
-                self.own_v[layer] = torch.zeros_like(self.own_k[layer])
+                if rope is not None and rotate_keys:  # slot j is position j
+                    key = _rotate(key, rope[:width, None, :], self.config)
+                if self.flash:
+                    self.ctx_k[layer], self.ctx_v[layer] = key, value
+                    own = (r, length, groups, dim)
+                    self.own_k[layer] = torch.zeros(own, dtype=k0.dtype, device=self.device)
+                    self.own_v[layer] = torch.zeros(own, dtype=k0.dtype, device=self.device)
+                else:
+                    self.ctx_k[layer] = key.permute(0, 2, 3, 1).contiguous()  # [C, groups, dim, T]
+                    self.ctx_v[layer] = value.transpose(1, 2).contiguous()  # [C, groups, T, dim]
+                    self.own_k[layer] = torch.zeros(r, groups, dim, length, dtype=k0.dtype, device=self.device)
+                    self.own_v[layer] = torch.zeros(r, groups, length, dim, dtype=k0.dtype, device=self.device)
             else:
                 conv = torch.stack([prefill_of[n][0].snapshots[n][layer][0] for n in self.context_ids])
                 ssm = torch.stack([prefill_of[n][0].snapshots[n][layer][1] for n in self.context_ids])
                 self.mamba[layer] = (conv[self.row_ctx].contiguous(), ssm[self.row_ctx].contiguous())
+        self.rope = rope
+        if self.ctx_k:
+            self.eye = torch.eye(self.heads[2], dtype=self.dtype, device=self.device)  # RoPE as matrices
+            self.scale = self.config.softmax_scale or 1.0 / math.sqrt(self.heads[2])
+        self._set_context_bias()
         self.cache_bytes = self.current_cache_bytes()
         self.step_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self.ids_buf = torch.zeros(r, dtype=torch.int64, device=self.device)
         self.hidden_buf = None
+
+    def _set_context_bias(self) -> None:
+        """The context part's key-length limit as an additive bias [C, 1, 1, T] (0 / -inf): the
+        torch path's form of per-context lengths (flash-attention takes the lengths)."""
+        slots = torch.arange(self.ctx_width, device=self.device)
+        limit = slots[None, :] < self.ctx_len[:, None]
+        bias = torch.zeros(limit.shape, dtype=torch.float32, device=self.device)
+        self.ctx_bias = bias.masked_fill(~limit, float("-inf"))[:, None, None, :]
 
     def current_cache_bytes(self) -> int:
         tensors = [*self.ctx_k.values(), *self.ctx_v.values(), *self.own_k.values(), *self.own_v.values()]
@@ -271,38 +301,78 @@ class CascadeThoughtJob:
 
     def attend(self, core, query, key, value):
         """Core attention of one decode step: query [1, R, hq, d], key/value [1, R, hk, d]
-        (not rotated: RoPE is off for the forward).  Returns [1, R, hq * d]."""
-        _, r, hq, d = query.shape
+        (not rotated: RoPE is off for the forward).  Returns [1, R, hq * d].
+
+        Few torch calls per layer (a decode step is launch-bound at 12B on a GPU, and every call
+        costs on the CPU too): the per-step RoPE rotation (softmax scale folded in for queries)
+        is one batched matmul per tensor, both partial attentions are matmuls over the caches as
+        stored, and the merge weights are sigmoid(lse_ctx - lse_own) =
+        e^lse_ctx / (e^lse_ctx + e^lse_own)."""
         layer = core.layer_number
-        query = _rotate(query, self.freqs, self.config)
-        key = _rotate(key, self.freqs, self.config)
-        own_k, own_v = self.own_k[layer], self.own_v[layer]
-        at = self.step_t.view(1)
-        own_k.index_copy_(1, at, key.transpose(0, 1).to(own_k.dtype))
-        own_v.index_copy_(1, at, value.transpose(0, 1).to(own_v.dtype))
-        scale = core.config.softmax_scale or 1.0 / math.sqrt(d)
-        q = query[0]  # [R, hq, d]
-        # Context part: the rows of a context as one query block [C, slots, hq, d].
-        c = len(self.ctx_len_h)
-        if self.full:
-            qc = q.view(c, self.slots, hq, d)
-        else:
-            qc = q.new_zeros(c, self.slots, hq, d)
-            qc[self.row_ctx, self.row_slot] = q
-        out_c, lse_c = partial_attention(qc, self.ctx_k[layer], self.ctx_v[layer], self.ctx_len, scale)
-        if self.full:
-            out_c, lse_c = out_c.reshape(r, hq, d), lse_c.transpose(1, 2).reshape(r, hq)
-        else:
-            out_c = out_c[self.row_ctx, self.row_slot]
-            lse_c = lse_c.transpose(1, 2)[self.row_ctx, self.row_slot]
-        # Own part: open marker and thought tokens so far (keys up to this step).
-        w = self.own_width
-        out_o, lse_o = partial_attention(
-            q[:, None], own_k[:, :w], own_v[:, :w], self.own_limit[:w], scale
-        )
-        merged = merge_attention(out_c[:, None], lse_c[..., None], out_o.float(), lse_o)  # [R, 1, hq, d]
+        r = self.batch_size
+        hk, rep, d = self.heads
+        q = torch.matmul(query.reshape(r, hk * rep, d), self.rot_q)  # rotated and scaled
+        k = key.reshape(r, hk, d)
+        v = value.reshape(r, hk, d)
+        if self.rot_k is not None:
+            k = torch.matmul(k, self.rot_k)
         self.attention_calls += 1
-        return merged.transpose(0, 1).to(query.dtype).reshape(1, r, hq * d)
+        if self.flash:
+            out = self._attend_flash(layer, q, k, v)
+            return out.view(1, r, hk * rep * d)
+        own_k, own_v = self.own_k[layer], self.own_v[layer]
+        own_k.index_copy_(3, self.at, k.unsqueeze(-1))
+        own_v.index_copy_(2, self.at, v.unsqueeze(2))
+        # Context part: the rows of a context are one query block [C, groups, slots * rep, d].
+        c, slots = len(self.ctx_len_h), self.slots
+        qp = q if self.full else q.new_zeros(c * slots, hk * rep, d).index_copy_(0, self.flat_slot, q)
+        qc = qp.view(c, slots, hk, rep, d).transpose(1, 2).reshape(c, hk, slots * rep, d)
+        scores = torch.matmul(qc, self.ctx_k[layer])  # [C, groups, Q, T]
+        if self.upcast:
+            scores = scores.float()
+        scores += self.ctx_bias
+        lse_c = torch.logsumexp(scores, dim=-1)
+        probs = scores.sub_(lse_c.unsqueeze(-1)).exp_()
+        if self.upcast:
+            probs = probs.to(self.dtype)
+        out_c = torch.matmul(probs, self.ctx_v[layer])  # [C, groups, Q, d]
+        out_c = out_c.view(c, hk, slots, rep, d).transpose(1, 2).reshape(c * slots, hk, rep, d)
+        lse_c = lse_c.view(c, hk, slots, rep).transpose(1, 2).reshape(c * slots, hk, rep)
+        if not self.full:
+            out_c, lse_c = out_c.index_select(0, self.flat_slot), lse_c.index_select(0, self.flat_slot)
+        # Own part: the open marker and thought tokens so far.
+        w = self.own_width
+        scores = torch.matmul(q.view(r, hk, rep, d), own_k[..., :w])  # [R, groups, rep, w]
+        if self.upcast:
+            scores = scores.float()
+        scores += self.own_bias[:w]
+        lse_o = torch.logsumexp(scores, dim=-1)
+        probs = scores.sub_(lse_o.unsqueeze(-1)).exp_()
+        if self.upcast:
+            probs = probs.to(self.dtype)
+        out_o = torch.matmul(probs, own_v[:, :, :w])  # [R, groups, rep, d]
+        weight = torch.sigmoid(lse_c - lse_o).unsqueeze(-1)
+        if self.upcast:
+            return torch.lerp(out_o.float(), out_c.float(), weight).to(self.dtype).view(1, r, hk * rep * d)
+        return torch.lerp(out_o, out_c, weight).view(1, r, hk * rep * d)
+
+    def _attend_flash(self, layer, q, k, v):
+        """flash-attention form: both parts with their log-sum-exps (scale already in q)."""
+        r = self.batch_size
+        hk, rep, d = self.heads
+        own_k, own_v = self.own_k[layer], self.own_v[layer]
+        own_k.index_copy_(1, self.at, k.unsqueeze(1))
+        own_v.index_copy_(1, self.at, v.unsqueeze(1))
+        c, slots = len(self.ctx_len_h), self.slots
+        qc = q if self.full else q.new_zeros(c * slots, hk * rep, d).index_copy_(0, self.flat_slot, q)
+        out_c, lse_c = partial_attention(qc.view(c, slots, hk * rep, d), self.ctx_k[layer],
+                                         self.ctx_v[layer], self.ctx_len, 1.0)
+        out_c, lse_c = out_c.reshape(c * slots, hk * rep, d), lse_c.transpose(1, 2).reshape(c * slots, hk * rep)
+        if not self.full:
+            out_c, lse_c = out_c.index_select(0, self.flat_slot), lse_c.index_select(0, self.flat_slot)
+        out_o, lse_o = partial_attention(q.unsqueeze(1), own_k, own_v, self.own_limit, 1.0)
+        weight = torch.sigmoid(lse_c - lse_o[..., 0]).unsqueeze(-1)
+        return torch.lerp(out_o[:, 0].float(), out_c.float(), weight).to(q.dtype)
 
     def mamba_step(self, mixer, hidden_states):
         conv, ssm = self.mamba[mixer.layer_number]
@@ -312,8 +382,17 @@ class CascadeThoughtJob:
     def _step(self, model):
         """One forward over static buffers (ids_buf / hidden_buf, step_t) -> hidden [1, R, h]."""
         positions = self.row_len + self.step_t  # open marker at t, thought token u at t + 1 + u
-        self.freqs = None if self.rope is None else self.rope[positions][None, :, None, :]
-        self.own_limit = torch.arange(self.num_steps, device=self.device) <= self.step_t
+        self.at = self.step_t.view(1)
+        if self.ctx_k:
+            # RoPE of this step's rows as [R, d, d] matrices: megatron's rotation applied to the
+            # identity (rotary fraction, interleaving and mscale included); x @ M rotates x.
+            eye = self.eye.expand(self.batch_size, -1, -1)
+            rot = eye if self.rope is None else _rotate(eye, self.rope[positions][:, None, :], self.config)
+            self.rot_k = None if self.rope is None else rot
+            self.rot_q = rot * self.scale
+            self.own_limit = torch.arange(self.num_steps, device=self.device) <= self.step_t
+            bias = torch.zeros(self.num_steps, dtype=torch.float32, device=self.device)
+            self.own_bias = bias.masked_fill(~self.own_limit, float("-inf"))
         ids = self.ids_buf[:, None] if self.stage.is_first else None
         if not self.stage.is_first:
             model.set_input_tensor(self.hidden_buf)
@@ -432,6 +511,7 @@ class CascadeThoughtJob:
             [self.live_h[i] for i in kept], [new_index[c] for c in old_ctx],
             [self.ctx_len_h[c] for c in ctx_keep],
         )
+        self._set_context_bias()
         self.ids_buf = torch.zeros(self.batch_size, dtype=torch.int64, device=self.device)
         self.hidden_buf = None
         self.graphs = {}  # graphs of the larger shape hold the old buffers
