@@ -1,8 +1,9 @@
 """The "cascade" decode layout: prefix sharing at decode without an attention mask.
 
 Per decode step every branch row attends to two key sets, and the two partial attentions are
-merged exactly through their log-sum-exps (Hydragen / FlashInfer cascade attention, the same
-``merge_attention`` the RLP update's shared-prefix attention uses):
+merged exactly through their log-sum-exps (Hydragen / FlashInfer cascade attention; the math of
+``models.shared_prefix.merge_attention``, written as one ``lerp`` with the weight
+sigmoid(lse_ctx - lse_own) = e^lse_ctx / (e^lse_ctx + e^lse_own)):
 
 * its context x_<t: the context's cache [C, T, groups, dim] is read once for all the branch rows
   of that context — the G queries of a context form one batched product against it
@@ -29,8 +30,12 @@ the whole cached prefix at every step.
 
 GPU: with ``flash_attn`` importable and fp16/bf16 tensors, both partial attentions are
 ``flash_attn_with_kvcache(..., cache_seqlens=..., return_softmax_lse=True)`` calls (per-context
-lengths for the context part, step + 1 for the own part); otherwise the torch path
-(``shared_prefix._attend``: fp32 scores, a length limit).  The decode step has static shapes and
+lengths for the context part, step + 1 for the own part; :func:`partial_attention`).  Otherwise
+the torch path (:meth:`CascadeThoughtJob.attend`): keys stored transposed so each part is two
+batched matmuls over the cache as stored, the lengths as an additive 0/-inf bias, softmax in
+fp32 (scores in the activation dtype, as megatron's local attention).  The flash path has not
+run here (no GPU, no flash_attn): ``tests/gpu`` compares it with the torch form.  The decode
+step has static shapes and
 no host sync (the step number lives in a device tensor; the own-key window is the whole
 [L] cache with a ``slot <= step`` limit when captured), so :class:`CascadeThoughtJob` captures it
 as a CUDA graph per micro-batch shape when CUDA is present and runs the same function eagerly
@@ -414,11 +419,18 @@ class CascadeThoughtJob:
         if graph is not None:
             graph[0].replay()
             self.graph_replays += 1
-            return graph[1]
+            return graph[1].clone()  # the static output is rewritten by the next replay
         # Eager: the own keys up to this step only; a captured graph reads the whole [L] window
         # (same result: later slots are outside the limit).
         self.own_width = self.num_steps if self.graphs_enabled else step + 1
-        out = self._step(model)
+        if self.graphs_enabled:  # the step before a capture runs on a side stream (warm-up)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self._step(model)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            out = self._step(model)
         if not self.checked:
             self._check_dispatch()
         if self.graphs_enabled and step + 2 < self.num_steps:
