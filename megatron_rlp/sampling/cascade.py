@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -434,7 +435,12 @@ class CascadeThoughtJob:
         if not self.checked:
             self._check_dispatch()
         if self.graphs_enabled and step + 2 < self.num_steps:
-            self._capture(model, key)
+            try:
+                self._capture(model, key)
+            except Exception as err:  # noqa: BLE001 - a layer that cannot be captured: stay eager
+                warnings.warn(f"cascade decode: CUDA graph capture failed ({type(err).__name__}: "
+                              f"{err}); this micro-batch decodes eagerly")
+                self.graphs_enabled = False
         return out
 
     def _capture(self, model, key) -> None:
