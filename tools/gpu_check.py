@@ -54,7 +54,8 @@ REQUIREMENTS = [
     ("pluggy", None),
     ("pygments", None),
 ]
-OPTIONAL = ("transformer_engine", "mamba_ssm", "causal_conv1d", "apex", "scaled_masked_softmax_cuda")
+OPTIONAL = ("transformer_engine", "mamba_ssm", "causal_conv1d", "apex", "scaled_masked_softmax_cuda",
+            "flash_attn")  # flash_attn: the cascade sampler layout's GPU attention
 
 # tools/bench_logprob.py's GPU shape (its docstring) and a Qwen3-1.7B sampler setting.
 BENCHMARKS = {

@@ -148,6 +148,8 @@ class HybridMambaMixer(MambaMixer):
     def forward(self, hidden_states, inference_context=None, *, inference_params=None, packed_seq_params=None):
         from megatron_rlp.models.shared_prefix import SharedPrefixLayout, shared_prefix_ssm
 
+        if hasattr(packed_seq_params, "mamba_decode"):  # sampling.cascade: per-branch states
+            return packed_seq_params.mamba_decode(self, hidden_states)
         if isinstance(packed_seq_params, SharedPrefixLayout):  # the RLP update's packed rows
             zxBCdt, _ = self.in_proj(hidden_states)
             return self.out_proj(shared_prefix_ssm(self, zxBCdt, packed_seq_params))

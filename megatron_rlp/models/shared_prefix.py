@@ -224,6 +224,8 @@ def _shared_prefix_subclass(base: type) -> type:
     class SharedPrefixCoreAttention(base):
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None, **kwargs):
+            if hasattr(packed_seq_params, "decode_attention"):  # sampling.cascade decode step
+                return packed_seq_params.decode_attention(self, query, key, value)
             if isinstance(packed_seq_params, SharedPrefixLayout):
                 scale = self.config.softmax_scale or 1.0 / math.sqrt(query.shape[-1])
                 return shared_prefix_attention(query, key, value, packed_seq_params, scale)

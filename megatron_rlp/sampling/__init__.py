@@ -2,11 +2,12 @@
 
 ``sample_thoughts`` (sampler.py) is the entry point; ``ThoughtBatch`` (thoughts.py) its result;
 ``vocab_parallel`` the vocabulary-parallel Gumbel-max; ``pipeline`` the stage-to-stage schedule;
-``naive`` the no-sharing baseline for the benchmark; ``agreement`` the π_train/π_sample stats.
+``naive`` the no-sharing baselines for the benchmark; ``cascade`` the mask-free prefix-shared
+decode layout; ``agreement`` the π_train/π_sample stats.
 """
 
 from megatron_rlp.sampling.agreement import log_ratio_stats, thought_ratio_stats
-from megatron_rlp.sampling.naive import sample_thoughts_naive
+from megatron_rlp.sampling.naive import sample_thoughts_batched, sample_thoughts_naive
 from megatron_rlp.sampling.sampler import sample_thoughts
 from megatron_rlp.sampling.thoughts import (
     PAD_ID,
@@ -25,6 +26,7 @@ from megatron_rlp.sampling.vocab_parallel import (
 __all__ = [
     "sample_thoughts",
     "sample_thoughts_naive",
+    "sample_thoughts_batched",
     "ThoughtBatch",
     "PAD_ID",
     "STOP_CLOSE",

@@ -190,8 +190,8 @@ class Job(Protocol):
         """Last stage: final hidden states [s, b, h] -> next input ids [feedback_size] (or None);
         may clear ``active``."""
 
-    def on_feedback(self, step: int, ids: torch.Tensor, active: bool) -> None:
-        """Other stages: the ids and flag the last stage produced after ``step``."""
+    def on_feedback(self, step: int, ids: torch.Tensor, active: int) -> None:
+        """Other stages: the ids and flag (0 = finished) the last stage produced after ``step``."""
 
 
 @dataclass
@@ -225,7 +225,7 @@ def run_pipelined(model, stage: StageInfo, jobs: list, feedback: bool) -> PhaseS
                 if feedback and step > 0 and not stage.is_last:
                     msg = torch.empty(job.feedback_size + 1, dtype=torch.int64, device=device)
                     stats.recv_wait_s += _recv(msg, stage.last_rank)
-                    job.on_feedback(step - 1, msg[:-1], bool(msg[-1].item()))
+                    job.on_feedback(step - 1, msg[:-1], int(msg[-1].item()))
                     if not job.active:
                         continue
                 inp = job.step_input(step)
@@ -235,15 +235,18 @@ def run_pipelined(model, stage: StageInfo, jobs: list, feedback: bool) -> PhaseS
                     )
                     stats.recv_wait_s += _recv(hidden_in, stage.prev_rank)
                     model.set_input_tensor(hidden_in)
-                with rope_positions(model, getattr(job, "rope_table", None)):
-                    out = model(
-                        inp.ids if stage.is_first else None,
-                        inp.position_ids,
-                        inp.attention_mask,
-                        inference_context=job.context,
-                        runtime_gather_output=True,  # megatron asserts it; no output layer runs
-                    )
-                job.context.sequence_len_offset += inp.seq_len
+                if hasattr(job, "forward"):  # a job with its own step (sampling.cascade)
+                    out = job.forward(model, inp, None if stage.is_first else hidden_in)
+                else:
+                    with rope_positions(model, getattr(job, "rope_table", None)):
+                        out = model(
+                            inp.ids if stage.is_first else None,
+                            inp.position_ids,
+                            inp.attention_mask,
+                            inference_context=job.context,
+                            runtime_gather_output=True,  # megatron asserts it; no output layer runs
+                        )
+                    job.context.sequence_len_offset += inp.seq_len
                 job.after_forward(step)
                 stats.items.append((m, step))
                 if not stage.is_last:
@@ -252,8 +255,11 @@ def run_pipelined(model, stage: StageInfo, jobs: list, feedback: bool) -> PhaseS
                 else:
                     ids = job.on_output(step, out)
                     if feedback and step + 1 < job.num_steps and stage.pp_size > 1:
+                        # The flag: "still running" (a job's ``feedback_flag``, e.g. its
+                        # running rows); torch.full, not torch.tensor: no host-to-device copy.
+                        flag = int(getattr(job, "feedback_flag", job.active))
                         msg = torch.cat(
-                            [ids.to(torch.int64), torch.tensor([int(job.active)], device=ids.device)]
+                            [ids.to(torch.int64), torch.full((1,), flag, dtype=torch.int64, device=ids.device)]
                         )
                         for rank in stage.others:
                             pending.append((collectives.isend(msg, rank), msg))

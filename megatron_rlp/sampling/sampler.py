@@ -11,11 +11,14 @@ same inputs):
    calls end at its sampled positions (k forwards for k positions, multi-token chunks continued
    from the Mamba states), the Mamba states snapshotted at every position (see ``PrefillJob``).
 2. **Fork**: the contexts (and their branches) are grouped into micro-batches; each micro-batch
-   gets its own inference context, built from the prefill caches: attention K/V of x_<t copied
+   gets its own caches, built from the prefill caches when its wave of ``pp`` micro-batches
+   starts and freed when the wave ends (so the micro-batch size bounds the decode memory;
+   ``stats["decode_cache_bytes_peak"]`` is the sampler's own count): attention K/V of x_<t copied
    into the last t slots before the micro-batch's alignment slot A (keys are cached before RoPE,
    so a uniform shift keeps every query-key distance), Mamba conv/SSM states copied from the
    snapshot at t.
-3. **Decode**, in one of two cache layouts (``layout=``; "auto" picks by :func:`decode_cost`):
+3. **Decode**, in one of three cache layouts (``layout=``; "auto": "tree" or "rows" by
+   :func:`decode_cost` where "tree" can run, "cascade" where it cannot):
 
    * "tree" (:class:`~megatron_rlp.sampling.thoughts.TreeThoughtJob`, attention-only models):
      one cache row per *context*.  The open marker is one token at slot A; each later step feeds
@@ -23,10 +26,15 @@ same inputs):
      its context, the marker and its own tokens, and a RoPE table that gives each slot its
      position in its branch.  The prefix K/V are stored, rotated and read once per context
      instead of G times — the decode-time half of prefix sharing.
-   * "rows" (:class:`~megatron_rlp.sampling.thoughts.ThoughtJob`, needed for Mamba layers, whose
-     state cannot branch inside a sequence): megatron_rlp.models.hybrid.fork_inference_state fans
-     each context out into G cache rows; one token per row per step; a per-row mask hides the
-     slots before a row's context.
+   * "cascade" (:class:`~megatron_rlp.sampling.cascade.CascadeThoughtJob`, any model, Mamba
+     and Transformer Engine included): the context's cache once per context, each branch's own
+     tokens in a small cache of its own; the G branch queries of a context are one batched
+     product against the context cache, merged with the branch part through log-sum-exps — no
+     attention mask, per-context lengths.  Mamba states are forked per branch.  Finished rows
+     leave the batch; the step can be captured as a CUDA graph.
+   * "rows" (:class:`~megatron_rlp.sampling.thoughts.ThoughtJob`): megatron's static cache;
+     megatron_rlp.models.hybrid.fork_inference_state fans each context out into G cache rows;
+     one token per row per step; a per-row mask hides the slots before a row's context.
 
    A branch stops at the close marker or EOD (both sampled thought tokens); at
    ``max_thought_len`` sampled tokens the close is forced (not a sampled token).  Sampling is the
@@ -47,11 +55,11 @@ megatron-core pieces used, and where this differs (0.16.1):
   to ``no_mask``; megatron's local ``DotProductAttention`` still applies an explicit
   ``attention_mask``, which is how rows with shorter contexts mask their leading slots.  A core
   attention that ignores the mask at decode (Transformer Engine's, with ``no_mask``) is detected;
-  then only the "rows" layout is used and a micro-batch only holds rows of equal context length
-  (no padding, no mask needed).  The local attention with megatron's fused causal softmax
-  (``masked_softmax_fusion`` in bf16/fp16, on by default with CUDA and the kernels) applies the
-  mask for one query token but not for the "tree" layout's G (see :func:`fused_causal_softmax`);
-  it is detected too and gets the "rows" layout.
+  then "auto" takes the "cascade" layout (which installs its own attention and needs no mask),
+  and a "rows" micro-batch only holds rows of equal context length (no padding, no mask
+  needed).  The local attention with megatron's fused causal softmax (``masked_softmax_fusion``
+  in bf16/fp16, on by default with CUDA and the kernels) applies the mask for one query token
+  but not for the "tree" layout's G (see :func:`fused_causal_softmax`); it is detected too.
 * megatron's static path takes RoPE positions from the cache slot, not from ``position_ids``;
   the "tree" layout therefore swaps in a per-slot RoPE table while its forward runs
   (``pipeline.rope_positions``).
@@ -82,6 +90,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron_rlp import collectives
 from megatron_rlp.models.builder import without_sequence_parallel
 from megatron_rlp.models.hybrid import fork_inference_state, inference_state_layout
+from megatron_rlp.sampling.cascade import CascadeThoughtJob
 from megatron_rlp.sampling.pipeline import StageInfo, run_pipelined
 from megatron_rlp.sampling.thoughts import (
     STOP_CLOSE,
@@ -95,7 +104,9 @@ from megatron_rlp.sampling.thoughts import (
     validate_request,
 )
 
-__all__ = ["sample_thoughts", "model_traits", "assemble_batch"]
+__all__ = ["sample_thoughts", "model_traits", "assemble_batch", "LAYOUTS"]
+
+LAYOUTS = ("auto", "tree", "rows", "cascade")
 
 
 def model_traits(model, stage: StageInfo) -> tuple[bool, bool, bool]:
@@ -285,6 +296,118 @@ def summary_stats(batch: ThoughtBatch) -> dict:
     }
 
 
+class CacheAccounting:
+    """The sampler's own count of the cache bytes it holds (torch reports no memory statistics
+    on CPU): prefill caches and decode caches, current and peak."""
+
+    def __init__(self):
+        self.current = self.peak = self.decode_current = self.decode_peak = 0
+
+    def allocate(self, nbytes: int, decode: bool = False) -> None:
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        if decode:
+            self.decode_current += nbytes
+            self.decode_peak = max(self.decode_peak, self.decode_current)
+
+    def free(self, nbytes: int, decode: bool = False) -> None:
+        self.current -= nbytes
+        if decode:
+            self.decode_current -= nbytes
+
+
+def inference_cache_bytes(ctx) -> int:
+    """Bytes of the tensors of a static inference context's ``key_value_memory_dict``."""
+    if ctx is None:
+        return 0
+    return sum(t.numel() * t.element_size() for pair in ctx.key_value_memory_dict.values() for t in pair)
+
+
+def prefill_cache_bytes(job) -> int:
+    snaps = sum(t.numel() * t.element_size() for per in job.snapshots.values()
+                for pair in per.values() for t in pair)
+    return inference_cache_bytes(job.context) + snaps
+
+
+def _release(job) -> None:
+    """Free a decode job's caches (its records stay)."""
+    if hasattr(job, "release"):
+        job.release()
+    else:
+        job.context = None
+
+
+def merge_phases(phases):
+    """One PhaseStats for pipeline phases run one after the other."""
+    from megatron_rlp.sampling.pipeline import PhaseStats
+
+    out = PhaseStats()
+    for p in phases:
+        out.items.extend(p.items)
+        out.seconds += p.seconds
+        out.recv_wait_s += p.recv_wait_s
+        out.ticks += p.ticks
+    out.bubble = _combined_bubble(*phases)
+    return out
+
+
+def _decode_builders(model, stage, chosen, contexts, num_thoughts, micro_batch_size, mbs, masks_ok,
+                     state_kinds, prefill_of, common, vocab_size, cuda_graphs, device) -> list:
+    """One callable per decode micro-batch that builds its job (caches copied from the prefill)
+    when its wave starts."""
+    builders = []
+    if chosen == "tree":
+        per = (
+            max(1, micro_batch_size // num_thoughts)
+            if micro_batch_size
+            else math.ceil(len(contexts) / stage.pp_size)
+        )
+
+        def tree_job(plan):
+            lengths = torch.tensor([contexts[n][1] for n in plan])
+            align = int(lengths.max())
+            max_len = TreeThoughtJob.cache_length(align, num_thoughts, common[0])
+            ctx = _branch_context(model, state_kinds, plan, None, prefill_of, align, max_len, device)
+            job = TreeThoughtJob(model, stage, plan, lengths, ctx, align, num_thoughts, *common,
+                                 vocab_size=vocab_size)
+            job.cache_bytes = inference_cache_bytes(ctx)
+            return job
+
+        for plan in _plan_contexts(contexts, per, uniform_t=False):
+            builders.append(lambda plan=plan: tree_job(plan))
+        return builders
+
+    def rows_job(plan):
+        roots = list(dict.fromkeys(r // num_thoughts for r in plan))
+        where = {n: i for i, n in enumerate(roots)}
+        branch_root = torch.tensor([where[r // num_thoughts] for r in plan], device=device)
+        lengths = torch.tensor([contexts[r // num_thoughts][1] for r in plan])
+        align = int(lengths.max())
+        ctx = _branch_context(model, state_kinds, roots, branch_root, prefill_of, align,
+                              align + common[0], device)
+        job = ThoughtJob(model, stage, torch.tensor(plan), lengths, ctx, align, *common,
+                         vocab_size=vocab_size)
+        job.cache_bytes = inference_cache_bytes(ctx)
+        return job
+
+    def cascade_job(plan):
+        roots = list(dict.fromkeys(r // num_thoughts for r in plan))
+        where = {n: i for i, n in enumerate(roots)}
+        job = CascadeThoughtJob(
+            model, stage, torch.tensor(plan), [where[r // num_thoughts] for r in plan], roots,
+            [contexts[n][1] for n in roots], *common, vocab_size=vocab_size, cuda_graphs=cuda_graphs,
+        )
+        job.build(prefill_of, state_kinds)
+        return job
+
+    make = cascade_job if chosen == "cascade" else rows_job
+    # The cascade layout needs no mask: rows of any context length share a micro-batch.
+    uniform_t = chosen == "rows" and not masks_ok
+    for plan in _plan_rows(contexts, num_thoughts, mbs, uniform_t=uniform_t):
+        builders.append(lambda plan=plan: make(plan))
+    return builders
+
+
 @without_sequence_parallel
 def sample_thoughts(
     model,
@@ -301,6 +424,7 @@ def sample_thoughts(
     micro_batch_size: Optional[int] = None,
     layout: str = "auto",
     vocab_size: Optional[int] = None,
+    cuda_graphs: Optional[bool] = None,
 ) -> ThoughtBatch:
     """Sample ``num_thoughts`` (G) thoughts at every position of every document.
 
@@ -314,8 +438,15 @@ def sample_thoughts(
     ``ceil(rows / pp)`` at PP > 1 (the "tree" layout takes ``micro_batch_size // G`` contexts, by
     default ``ceil(contexts / pp)``).
     ``layout``: "tree" (one cache row per context, branches as query tokens: prefix shared in
-    decode; GPT models whose attention honours the mask), "rows" (one cache row per branch;
-    required for Mamba layers) or "auto" (the cheaper by :func:`decode_cost` where both work).
+    decode; GPT models whose attention honours the mask), "cascade" (the context's cache read
+    once for its branches, merged with each branch's own cache through log-sum-exps: prefix
+    shared in decode with any core attention, Transformer Engine's included, and with Mamba
+    layers; :mod:`megatron_rlp.sampling.cascade`), "rows" (one cache row per branch) or "auto"
+    (the cheaper of "tree" and "rows" by :func:`decode_cost` where "tree" can run, else
+    "cascade").  Decode caches are built per micro-batch, ``pp`` micro-batches at a time, so
+    ``micro_batch_size`` bounds the decode cache memory (``stats["decode_cache_bytes_peak"]``).
+    ``cuda_graphs``: capture the cascade decode step as a CUDA graph per micro-batch shape
+    (default: when the model is on a GPU).
     ``vocab_size``: the tokenizer's vocabulary; ids past it (the padding of the model's
     embedding) are never sampled.  Default: the model's whole vocabulary.
     Returns the same :class:`ThoughtBatch` on every rank of the
@@ -333,8 +464,8 @@ def sample_thoughts(
         {"open_id": open_id, "close_id": close_id, "eod_id": eod_id},
         vocab_size,
     )
-    if layout not in ("auto", "tree", "rows"):
-        raise ValueError(f"layout must be 'auto', 'tree' or 'rows', got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
     if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size < 1):
         raise ValueError(f"micro_batch_size must be an integer >= 1, got {micro_batch_size!r}")
     stage = StageInfo.current()
@@ -362,7 +493,6 @@ def sample_thoughts(
                     for n, t in contexts_of_doc[b]:
                         prefill_of[n] = (job, job.row_of_doc[b], t)
 
-            t_fork = time.perf_counter()
             rows_total = len(contexts) * num_thoughts
             mbs = micro_batch_size or (
                 rows_total if stage.pp_size == 1 else math.ceil(rows_total / stage.pp_size)
@@ -370,52 +500,32 @@ def sample_thoughts(
             chosen = _choose_layout(
                 layout, tree_masks_ok, has_mamba, contexts, num_thoughts, max_thought_len
             )
-            decode_jobs = []
             common = (max_thought_len, open_id, close_id, eod_id, float(temperature), int(seed), device)
-            if chosen == "tree":
-                per = (
-                    max(1, micro_batch_size // num_thoughts)
-                    if micro_batch_size
-                    else math.ceil(len(contexts) / stage.pp_size)
-                )
-                for plan in _plan_contexts(contexts, per, uniform_t=False):
-                    lengths = torch.tensor([contexts[n][1] for n in plan])
-                    align = int(lengths.max())
-                    max_len = TreeThoughtJob.cache_length(align, num_thoughts, max_thought_len)
-                    ctx = _branch_context(
-                        model, state_kinds, plan, None, prefill_of, align, max_len, device
-                    )
-                    decode_jobs.append(
-                        TreeThoughtJob(
-                            model, stage, plan, lengths, ctx, align, num_thoughts, *common,
-                            vocab_size=vocab_size,
-                        )
-                    )
-            else:
-                for plan in _plan_rows(contexts, num_thoughts, mbs, uniform_t=not masks_ok):
-                    roots = list(dict.fromkeys(r // num_thoughts for r in plan))
-                    where = {n: i for i, n in enumerate(roots)}
-                    branch_root = torch.tensor(
-                        [where[r // num_thoughts] for r in plan], device=device
-                    )
-                    lengths = torch.tensor([contexts[r // num_thoughts][1] for r in plan])
-                    align = int(lengths.max())
-                    ctx = _branch_context(
-                        model, state_kinds, roots, branch_root, prefill_of, align,
-                        align + max_thought_len, device,
-                    )
-                    decode_jobs.append(
-                        ThoughtJob(
-                            model, stage, torch.tensor(plan), lengths, ctx, align, *common,
-                            vocab_size=vocab_size,
-                        )
-                    )
-            for job in prefill_jobs:  # the forked contexts hold copies; free the prefill caches
+            builders = _decode_builders(
+                model, stage, chosen, contexts, num_thoughts, micro_batch_size, mbs, masks_ok,
+                state_kinds, prefill_of, common, vocab_size, cuda_graphs, device,
+            )
+            memory = CacheAccounting()
+            memory.allocate(sum(prefill_cache_bytes(job) for job in prefill_jobs))
+            # Decode in waves of pp_size micro-batches (enough to keep the stages busy): each
+            # wave's caches are built from the prefill, decoded and freed before the next, so
+            # the decode caches held at once are bounded by the micro-batch size.
+            decode_jobs, phases, fork_s = [], [], 0.0
+            for first in range(0, len(builders), stage.pp_size):
+                t_fork = time.perf_counter()
+                wave = [build() for build in builders[first : first + stage.pp_size]]
+                fork_s += time.perf_counter() - t_fork
+                wave_bytes = sum(job.cache_bytes for job in wave)
+                memory.allocate(wave_bytes, decode=True)
+                phases.append(run_pipelined(model, stage, wave, feedback=True))
+                for job in wave:
+                    _release(job)
+                memory.free(wave_bytes, decode=True)
+                decode_jobs.extend(wave)
+            for job in prefill_jobs:  # free the prefill caches
                 job.context = None
                 job.snapshots = {}
-            fork_s = time.perf_counter() - t_fork
-
-            decode = run_pipelined(model, stage, decode_jobs, feedback=True)
+            decode = merge_phases(phases)
             batch = assemble_batch(
                 decode_jobs, contexts, num_thoughts, max_thought_len, stage, device,
                 open_id=open_id, close_id=close_id, eod_id=eod_id,
@@ -437,8 +547,12 @@ def sample_thoughts(
             "decode_steps": len(decode.items),
             "padded_context_slots": padded_slots,
             "kv_slot_reads": sum(job.kv_slot_reads for job in decode_jobs),
+            "decode_row_steps": sum(job.row_steps for job in decode_jobs),
             "masked_decode": masks_ok,
             "layout": chosen,
+            "cache_bytes_peak": memory.peak,
+            "decode_cache_bytes_peak": memory.decode_peak,
+            "cuda_graph_replays": sum(getattr(job, "graph_replays", 0) for job in decode_jobs),
             "prefill_s": prefill.seconds,
             "fork_s": fork_s,
             "decode_s": decode.seconds,
@@ -457,19 +571,22 @@ def sample_thoughts(
 
 def _choose_layout(layout: str, tree_masks_ok: bool, has_mamba: bool, contexts, g: int, length: int) -> str:
     """The decode layout: "tree" needs an attention-only model whose attention applies the mask
-    to several query tokens per row (``model_traits``).  "auto" picks the one with the smaller
-    estimated attention work (:func:`decode_cost`)."""
+    to several query tokens per row (``model_traits``); "rows" and "cascade" run with any model.
+    "auto" picks the one of "tree" and "rows" with the smaller estimated attention work
+    (:func:`decode_cost`) where "tree" can run, and "cascade" where it cannot (Transformer
+    Engine's or a fused-softmax attention, Mamba layers)."""
     tree_ok = tree_masks_ok and not has_mamba
     if layout == "tree" and not tree_ok:
         raise ValueError(
             "the 'tree' decode layout needs an attention-only model whose core attention applies "
             "an explicit mask to several query tokens (megatron's local DotProductAttention "
-            "without the fused causal softmax: masked_softmax_fusion=False, or fp32); use 'rows'"
+            "without the fused causal softmax: masked_softmax_fusion=False, or fp32); use "
+            "'cascade' (prefix shared without a mask) or 'rows'"
         )
     if layout != "auto":
         return layout
     if not tree_ok:
-        return "rows"
+        return "cascade"
     ts = [t for _, t in contexts]
     return "tree" if decode_cost("tree", ts, g, length) <= decode_cost("rows", ts, g, length) else "rows"
 

@@ -268,27 +268,37 @@ class ThoughtRecorder:
 
     def record_logits(self, step: int, logits: torch.Tensor) -> torch.Tensor:
         """This TP rank's vocabulary shard of the logits [rows, V/tp] -> sampled tokens [rows]."""
+        return self.record_live(step, logits, None)
+
+    def record_live(self, step: int, logits: torch.Tensor, live: Optional[torch.Tensor]) -> torch.Tensor:
+        """Like :meth:`record_logits` for the rows ``live`` (indices into this recorder's rows;
+        None: all rows) only: ``logits`` [len(live), V/tp].  No host sync: rows that finished
+        earlier keep their records (``torch.where``, no boolean indexing)."""
+        rows = self.rows if live is None else self.rows[live]
         s = sample_vocab_parallel(
-            logits, self.temperature, self.seed, step, self.rows,
+            logits, self.temperature, self.seed, step, rows,
             tp_group=self.stage.tp_group, vocab_size=self.vocab_size,
         )
-        live = ~self.done
-        self.tokens[live, step] = s.tokens[live]
-        self.logprobs[live, step] = s.logprobs[live]
-        self.tempered[live, step] = s.tempered_logprobs[live]
-        self.lengths += live.long()
-        closed = live & (s.tokens == self.close_id)
-        ended = live & ~closed
+        at = slice(None) if live is None else live
+        done = self.done[at]
+        running = ~done
+        self.tokens[at, step] = torch.where(running, s.tokens, self.tokens[at, step])
+        self.logprobs[at, step] = torch.where(running, s.logprobs, self.logprobs[at, step])
+        self.tempered[at, step] = torch.where(running, s.tempered_logprobs, self.tempered[at, step])
+        self.lengths[at] += running.long()
+        closed = running & (s.tokens == self.close_id)
+        ended = running & ~closed
         if self.eod_id is not None:
             ended &= s.tokens == self.eod_id
         else:
             ended &= torch.zeros_like(ended)
-        self.stop[closed] = STOP_CLOSE
-        self.stop[ended] = STOP_EOD
-        self.done |= closed | ended
+        stop = torch.where(closed, STOP_CLOSE, torch.where(ended, STOP_EOD, self.stop[at]))
+        done = done | closed | ended
         if step == self.num_steps - 1:
-            self.stop[~self.done] = STOP_LENGTH
-            self.done[:] = True
+            stop = torch.where(done, stop, STOP_LENGTH)
+            done = torch.ones_like(done)
+        self.stop[at] = stop
+        self.done[at] = done
         return s.tokens
 
     @property
@@ -305,7 +315,8 @@ class ThoughtJob:
     cache before RoPE and rotates the whole cached prefix by slot at every step, so a uniform shift
     of a row keeps every query-key distance, i.e. the same attention as without the shift.
 
-    With ``prefix`` (the naive sampler) step 0 is instead a fresh prefill of x_<t + open marker.
+    With ``prefix`` [rows, A] (the naive samplers; left-padded to A, masked) step 0 is instead
+    a fresh prefill of x_<t + open marker.
     """
 
     def __init__(
@@ -342,17 +353,24 @@ class ThoughtJob:
         self.need_mask = bool((self.pad_start > 0).any())
         self.next_ids: Optional[torch.Tensor] = None
         self.kv_slot_reads = 0  # sum over executed steps of cache rows x slots attended
+        self.row_steps = 0  # sum over executed steps of the branch rows computed
         self.rope_table = None  # slot j = position j (up to each row's uniform shift)
 
     def step_input(self, step: int) -> StepInput:
         b = self.batch_size
         slot = self.align + step
         self.kv_slot_reads += b * (slot + 1)
+        self.row_steps += b
         if step == 0 and self.prefix is not None:
             opener = torch.full((b, 1), self.open_id, dtype=torch.int64, device=self.device)
             ids = torch.cat([self.prefix.to(self.device), opener], dim=1)
             pos = torch.arange(slot + 1, device=self.device).expand(b, -1)
-            return StepInput(ids, pos, None, slot + 1)
+            mask = None
+            if self.need_mask:  # left-padded prefixes: causal, and no query sees the padding
+                keys = torch.arange(slot + 1, device=self.device)
+                causal = keys[None, :] > keys[:, None]
+                mask = (causal[None] | (keys[None, None, :] < self.pad_start[:, None, None]))[:, None]
+            return StepInput(ids, pos, mask, slot + 1)
         if step == 0:
             ids = torch.full((b, 1), self.open_id, dtype=torch.int64, device=self.device)
         else:
@@ -375,7 +393,7 @@ class ThoughtJob:
 
     def on_feedback(self, step: int, ids: torch.Tensor, active: bool) -> None:
         self.next_ids = ids.clone()
-        self.active = active
+        self.active = bool(active)
 
 
 class TreeThoughtJob:
@@ -428,6 +446,7 @@ class TreeThoughtJob:
         self.pad_start = (align - context_lengths.to(device)).to(torch.int64)
         self.next_ids: Optional[torch.Tensor] = None
         self.kv_slot_reads = 0
+        self.row_steps = 0
         slots = torch.arange(context.max_sequence_length, device=device)
         positions = torch.where(
             slots <= align, slots, align + 1 + torch.div(slots - align - 1, g, rounding_mode="floor")
@@ -441,6 +460,7 @@ class TreeThoughtJob:
 
     def step_input(self, step: int) -> StepInput:
         c, g, a = self.batch_size, self.num_thoughts, self.align
+        self.row_steps += c * g
         if step == 0:
             ids = torch.full((c, 1), self.open_id, dtype=torch.int64, device=self.device)
             keys = torch.arange(a + 1, device=self.device)
@@ -476,4 +496,4 @@ class TreeThoughtJob:
 
     def on_feedback(self, step: int, ids: torch.Tensor, active: bool) -> None:
         self.next_ids = ids.clone()
-        self.active = active
+        self.active = bool(active)

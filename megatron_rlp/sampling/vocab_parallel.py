@@ -64,6 +64,15 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _mix32_int(x: int) -> int:
+    """:func:`_mix32` of one Python int."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
 def uniform_noise(
     seed: int, step: int, rows: torch.Tensor, vocab_start: int, vocab_count: int
 ) -> torch.Tensor:
@@ -71,8 +80,8 @@ def uniform_noise(
     ``vocab_start .. vocab_start + vocab_count - 1``: a pure function of (seed, step, row, id)."""
     device = rows.device
     folded_seed = (int(seed) ^ (int(seed) >> 32)) & _M32
-    key = torch.tensor([folded_seed], dtype=torch.int64, device=device)
-    key = _mix32(key ^ _mix32(torch.tensor([int(step) & _M32], dtype=torch.int64, device=device)))
+    # The (seed, step) key is hashed with Python ints: no host-to-device copy (a sync on a GPU).
+    key = _mix32_int(folded_seed ^ _mix32_int(int(step) & _M32))
     row_key = _mix32((key + _mul32(rows.to(torch.int64) & _M32, 0x9E3779B9)) & _M32)  # [b]
     row_key2 = _mix32((row_key + 0x632BE5AB) & _M32)
     ids = torch.arange(vocab_start, vocab_start + vocab_count, dtype=torch.int64, device=device)

@@ -148,6 +148,11 @@ def test_tp2_matches_tp1_and_tp_ranks_agree(model_parallel):
     rows = _sample(model, 0.8, layout="rows", micro_batch_size=4)
     _assert_same_on_group(rows, tp_group)
     _assert_matches(rows, ref[0.8])
+    for temperature in (0.0, 0.8):  # the mask-free prefix-shared layout, mixed context lengths
+        cascade = _sample(model, temperature, layout="cascade", micro_batch_size=4)
+        assert cascade.stats["layout"] == "cascade"
+        _assert_same_on_group(cascade, tp_group)
+        _assert_matches(cascade, ref[temperature])
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
@@ -203,7 +208,14 @@ def test_pp2_matches_tp1_with_micro_batches(model_parallel):
     assert stop.stats["decode_microbatches"] == 5
     assert stop.stats["decode_steps"] < 5 * L  # the stopped micro-batch left the schedule
 
-    for kw in ({}, {"layout": "rows", "micro_batch_size": 4}):
+    # context 1's rows stop after two tokens: its micro-batch (contexts 2 and 1) is compacted
+    stop = _sample(model, 0.0, close_id=close_tok, layout="cascade", micro_batch_size=2 * G)
+    _assert_matches(stop, ref_stop)
+    _assert_same_on_group(stop, world)
+    assert stop.stats["layout"] == "cascade" and stop.stats["decode_microbatches"] == 3
+    assert stop.stats["decode_row_steps"] < 5 * G * L
+
+    for kw in ({}, {"layout": "rows", "micro_batch_size": 4}, {"layout": "cascade", "micro_batch_size": 4}):
         hot = _sample(model, 0.9, **kw)
         _assert_matches(hot, ref_hot)
         _assert_same_on_group(hot, world)
@@ -219,12 +231,13 @@ def test_hybrid_tp2_and_pp2_match_tp1(model_parallel):
         model = _model(HYBRID, tp, pp)
         _copy_from_tp1(model, full_state, HYBRID)
         for temperature in (0.0, 0.8):
-            batch = _sample(model, temperature, micro_batch_size=5)
-            assert batch.stats["layout"] == "rows"
-            # the prefill in segments, on every stage: one call per sampled position
-            assert batch.stats["prefill_forwards"] == 5 and batch.stats["prefill_microbatches"] == 3
-            _assert_matches(batch, ref[temperature])
-            _assert_same_on_group(batch, dist.group.WORLD)
+            for layout in ("auto", "rows"):
+                batch = _sample(model, temperature, micro_batch_size=5, layout=layout)
+                assert batch.stats["layout"] == ("cascade" if layout == "auto" else "rows")
+                # the prefill in segments, on every stage: one call per sampled position
+                assert batch.stats["prefill_forwards"] == 5 and batch.stats["prefill_microbatches"] == 3
+                _assert_matches(batch, ref[temperature])
+                _assert_same_on_group(batch, dist.group.WORLD)
 
 
 @pytest.mark.world_size(4)
@@ -245,3 +258,6 @@ def test_tp2_pp2_matches_tp1(model_parallel):
     rows = _sample(model, 0.8, layout="rows", micro_batch_size=4)
     _assert_same_on_group(rows, dist.group.WORLD)
     _assert_matches(rows, ref[0.8])
+    cascade = _sample(model, 0.0, layout="cascade", micro_batch_size=4)
+    _assert_same_on_group(cascade, dist.group.WORLD)
+    _assert_matches(cascade, ref[0.0])

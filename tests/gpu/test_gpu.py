@@ -135,14 +135,14 @@ def test_sampler_bf16_matches_the_update_forward(one_gpu_parallel, monkeypatch, 
     gen = torch.Generator().manual_seed(1)
     docs = [torch.randint(0, 500, (n,), generator=gen).cuda() for n in (40, 33)]
     positions = [[19, 31], [12]]  # align 31: G=4 query tokens against 4k keys in the tree layout
-    layouts = ["auto", "rows"] + (["tree"] if tree_ok and not has_mamba else [])
+    layouts = ["auto", "rows", "cascade"] + (["tree"] if tree_ok and not has_mamba else [])
     for layout in layouts:
         batch = sample_thoughts(model, docs, positions, num_thoughts=4, max_thought_len=6, open_id=501,
                                 close_id=502, eod_id=500, temperature=1.0, seed=3, max_sequence_length=128,
                                 layout=layout, vocab_size=503)
         assert batch.tokens.is_cuda and int(batch.tokens.max()) < 503
         if layout == "auto" and not tree_ok:
-            assert batch.stats["layout"] == "rows"
+            assert batch.stats["layout"] == "cascade"
         closed, closed_len = batch.closed_tokens(500)
         seqs = build_update_sequences([d.cpu() for d in docs], batch.doc_index.cpu(), batch.position.cpu(),
                                       closed.cpu(), closed_len.cpu(), batch.forced.cpu(), 501, 500)
@@ -163,6 +163,85 @@ def test_sampler_bf16_matches_the_update_forward(one_gpu_parallel, monkeypatch, 
         mask = batch.mask.reshape(-1, length)
         gap = (batch.logprobs.reshape(-1, length) - train[:, :length]).abs() * mask
         assert gap.max() < BF16_DRIFT, f"{layout}: sampler/update log-prob gap {gap.max():.3g}"
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-hybrid"])
+def test_cascade_cuda_graphs_match_eager(one_gpu_parallel, monkeypatch, spec, preset_name):
+    """The cascade decode step captured as CUDA graphs (one per micro-batch shape, rows leaving
+    the batch) draws the same tokens as the same step run eagerly."""
+    from megatron_rlp.models import builder
+    from megatron_rlp.models.init import initialize_layout_invariant
+    from megatron_rlp.models.presets import get_preset
+    from megatron_rlp.sampling import sample_thoughts
+
+    if spec == "local":
+        monkeypatch.setattr(builder, "transformer_engine_available", lambda: False)
+    preset = get_preset(preset_name)
+    model = builder.build_model(preset, builder.transformer_config(preset, params_dtype=torch.bfloat16))
+    initialize_layout_invariant(model, 7, preset.num_layers)
+    gen = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, 500, (n,), generator=gen).cuda() for n in (60, 41, 52)]
+    positions = [[19, 40, 55], [12], [33, 50]]
+    kw = dict(num_thoughts=4, max_thought_len=12, open_id=5, close_id=6, eod_id=7, temperature=2.0,
+              seed=3, max_sequence_length=128, layout="cascade", vocab_size=8)  # rows stop early
+    eager = sample_thoughts(model, docs, positions, cuda_graphs=False, **kw)
+    graphs = sample_thoughts(model, docs, positions, cuda_graphs=True, **kw)
+    assert graphs.stats["cuda_graph_replays"] > 0 and eager.stats["cuda_graph_replays"] == 0
+    assert graphs.stats["decode_row_steps"] < eager.stats["rows"] * 12  # rows left the batch
+    assert torch.equal(graphs.tokens, eager.tokens) and torch.equal(graphs.lengths, eager.lengths)
+    torch.testing.assert_close(graphs.logprobs, eager.logprobs, atol=1e-3, rtol=0)
+
+
+def test_cascade_decode_syncs_the_host_once_per_step(one_gpu_parallel):
+    """torch's sync debug mode warns at every host sync; counted differentially (12 against 6
+    decode steps, no row stops early), the decode loop syncs once per step."""
+    import warnings
+
+    from megatron_rlp.models import builder
+    from megatron_rlp.models.init import initialize_layout_invariant
+    from megatron_rlp.models.presets import get_preset
+    from megatron_rlp.sampling import sample_thoughts
+
+    preset = get_preset("tiny")
+    model = builder.build_model(preset, builder.transformer_config(preset, params_dtype=torch.bfloat16))
+    initialize_layout_invariant(model, 7, preset.num_layers)
+    docs = [torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(4)).cuda() for n in (40, 33)]
+    counts = {}
+    for length in (6, 12):
+        kw = dict(num_thoughts=4, max_thought_len=length, open_id=501, close_id=502, eod_id=None,
+                  temperature=0.0, seed=3, max_sequence_length=128, layout="cascade", vocab_size=503)
+        sample_thoughts(model, docs, [[19, 31], [12]], **kw)  # warm: graphs, allocator
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                batch = sample_thoughts(model, docs, [[19, 31], [12]], **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert (batch.lengths == length).all()
+        counts[length] = sum("synchroniz" in str(w.message) for w in caught)
+    assert counts[12] - counts[6] <= 6, counts
+
+
+def test_cascade_flash_attention_matches_the_torch_path():
+    """The two partial attentions through flash-attention (with their log-sum-exps) against the
+    torch path, per-context lengths and a step limit, bf16, grouped-query heads."""
+    from megatron_rlp.sampling import cascade
+
+    if cascade._flash_kvcache() is None:
+        pytest.skip("flash_attn does not import here")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(3, 4, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(3, 50, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    lengths = torch.tensor([50, 17, 33], device="cuda")
+    limit = torch.arange(50, device="cuda") < 9
+    for keys in (lengths, limit):
+        flash = cascade.partial_attention(q, k, v, keys, 0.125)
+        torch_path = cascade.partial_attention(q.float(), k.float(), v.float(), keys, 0.125)
+        torch.testing.assert_close(flash[0].float(), torch_path[0], atol=2e-2, rtol=0)
+        torch.testing.assert_close(flash[1].float(), torch_path[1], atol=2e-2, rtol=0)
 
 
 # ------------------------------------------------------------------- one iteration, one GPU

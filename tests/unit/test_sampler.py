@@ -282,7 +282,8 @@ def test_micro_batches_and_unmasked_attention_plan(models, monkeypatch):
     # An attention that ignores explicit masks at decode (Transformer Engine's): rows layout,
     # micro-batches of one context length each, no padding, no mask.
     monkeypatch.setattr(sampler_module, "model_traits", lambda model, stage: (False, False, False))
-    unmasked = _sample(model, docs, temperature=0.9)
+    assert _sample(model, docs, temperature=0.9, length=2).stats["layout"] == "cascade"  # "auto"
+    unmasked = _sample(model, docs, temperature=0.9, layout="rows")
     assert unmasked.stats["layout"] == "rows" and not unmasked.stats["masked_decode"]
     assert unmasked.stats["decode_microbatches"] == 6 and unmasked.stats["padded_context_slots"] == 0
     assert torch.equal(unmasked.tokens, ref.tokens)
@@ -308,7 +309,7 @@ def test_hybrid_cached_decoding_matches_full_recompute(models):
     docs = _docs(3)
     for temperature in (0.0, 0.8):
         batch = _sample(model, docs, temperature=temperature, length=5)
-        assert batch.stats["layout"] == "rows"
+        assert batch.stats["layout"] == "cascade"
         # one prefill job per document, one call per sampled position (3 + 1 + 2)
         assert batch.stats["prefill_forwards"] == 6
         assert batch.stats["decode_microbatches"] == 1
@@ -470,3 +471,144 @@ def test_bad_inputs_are_rejected(models):
         model.config.sequence_parallel = False
     ok = _sample(model, docs, positions=[[29], [20], [1]], length=4)  # the extreme positions
     assert ok.position.tolist() == [29, 20, 1]
+
+
+# ------------------------------------------------------------------ cascade layout, memory
+
+
+class _TELikeAttention:
+    """Makes the core attention behave as Transformer Engine's does at decode — megatron passes
+    ``no_mask`` past the prompt and the explicit mask is ignored — while ``ignore_masks`` is set;
+    ``plan(honest)`` sets what the sampler's plan sees (model_traits, as in the unmasked-plan
+    test above)."""
+
+    def __init__(self, models, monkeypatch):
+        from megatron.core.transformer.attention import Attention
+        from megatron.core.transformer.enums import AttnMaskType
+
+        self.ignore_masks = True
+        self.monkeypatch = monkeypatch
+        for model in models.values():
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    core = module.core_attention
+                    original = core.forward
+
+                    def forward(query, key, value, attention_mask, *args, original=original, **kwargs):
+                        if (self.ignore_masks and attention_mask is not None
+                                and kwargs.get("attn_mask_type") == AttnMaskType.no_mask):
+                            attention_mask = torch.zeros_like(attention_mask)  # nothing masked
+                        return original(query, key, value, attention_mask, *args, **kwargs)
+
+                    monkeypatch.setattr(core, "forward", forward)
+
+    def plan(self, honest: bool) -> None:
+        self.monkeypatch.setattr(sampler_module, "model_traits", lambda model, stage: (honest, False, honest))
+
+
+@pytest.fixture
+def te_like_attention(models, monkeypatch):
+    return _TELikeAttention(models, monkeypatch)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_cascade_matches_tree_where_the_attention_ignores_masks(models, te_like_attention, temperature):
+    model = models["gpt"]
+    docs = _docs()
+    te_like_attention.plan(True)  # a plan that trusts the mask: the tree layout runs, wrongly
+    broken = _sample(model, docs, temperature=temperature, layout="tree")
+    te_like_attention.plan(False)
+    cascade = _sample(model, docs, temperature=temperature)
+    split = _sample(model, docs, temperature=temperature, micro_batch_size=5, layout="cascade")
+    rows = _sample(model, docs, temperature=temperature, layout="rows")
+    assert cascade.stats["layout"] == "cascade" and split.stats["decode_microbatches"] == 4
+    te_like_attention.ignore_masks = False  # the reference: tree layout, honest attention
+    te_like_attention.plan(True)
+    tree = _sample(model, docs, temperature=temperature, layout="tree")
+    assert not torch.allclose(broken.logprobs, tree.logprobs, atol=1e-3)  # the emulation bites
+    for other in (cascade, split, rows):
+        assert torch.equal(other.tokens, tree.tokens)
+        assert torch.equal(other.lengths, tree.lengths)
+        torch.testing.assert_close(other.logprobs, tree.logprobs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(other.tempered_logprobs, tree.tempered_logprobs, atol=1e-5, rtol=0)
+    _check_against_full_forward(model, docs, cascade, tol=1e-5)
+    # the context caches are read once per context, not once per branch
+    assert cascade.stats["kv_slot_reads"] < rows.stats["kv_slot_reads"] / 2
+
+
+def test_cascade_finished_rows_leave_the_batch(models):
+    model = models["gpt"]
+    docs = _docs(1)
+    # An 8-id vocabulary with close and EOD in it: at T = 2 about a quarter of the running rows
+    # stop at every step, so the batch halves (and is compacted) more than once.
+    kw = dict(temperature=2.0, open_id=5, close_id=6, eod_id=7, vocab_size=8, length=10, g=4)
+    tree = _sample(model, docs, layout="tree", **kw)
+    cascade = _sample(model, docs, layout="cascade", **kw)
+    assert torch.equal(cascade.tokens, tree.tokens) and torch.equal(cascade.stop_reason, tree.stop_reason)
+    torch.testing.assert_close(cascade.logprobs, tree.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cascade.tempered_logprobs, tree.tempered_logprobs, atol=1e-5, rtol=0)
+    lengths = tree.lengths.flatten()
+    assert lengths.float().std() > 1 and (lengths < 4).float().mean() > 0.5  # rows stop at different steps
+    assert cascade.stats["decode_row_steps"] < tree.stats["decode_row_steps"] * 3 // 4
+
+
+def test_cascade_hybrid_matches_rows(models):
+    model = models["hybrid"]
+    docs = _docs(3)
+    for temperature in (0.0, 0.8):
+        auto = _sample(model, docs, temperature=temperature, length=5)
+        rows = _sample(model, docs, temperature=temperature, length=5, layout="rows")
+        split = _sample(model, docs, temperature=temperature, length=5, layout="cascade", micro_batch_size=4)
+        assert auto.stats["layout"] == "cascade"
+        for other in (auto, split):
+            assert torch.equal(other.tokens, rows.tokens)
+            torch.testing.assert_close(other.logprobs, rows.logprobs, atol=1e-5, rtol=0)
+    _check_against_full_forward(model, docs, auto)
+
+
+@pytest.mark.parametrize("layout", ["cascade", "rows", "tree"])
+def test_decode_cache_memory_is_bounded_by_the_micro_batch(models, layout):
+    model = models["gpt"]
+    docs = _docs()
+    g, length = 3, 6
+    full = _sample(model, docs, g=g, length=length, layout=layout)
+    small = _sample(model, docs, g=g, length=length, layout=layout, micro_batch_size=g)  # one context
+    assert torch.equal(small.tokens, full.tokens)
+    peak_full, peak_small = full.stats["decode_cache_bytes_peak"], small.stats["decode_cache_bytes_peak"]
+    assert small.stats["decode_microbatches"] == 6
+    assert 0 < peak_small * 4 < peak_full  # 6 contexts per micro-batch -> 1
+    assert full.stats["cache_bytes_peak"] > peak_full  # the prefill caches are counted too
+    if layout == "cascade":  # the analytic layout: [C, T] context slots + [R, L] own slots
+        per_slot = GPT.num_layers * 2 * GPT.num_query_groups * GPT.kv_channels * 4
+        ts = [t for pos in POSITIONS for t in pos]
+        assert peak_full == per_slot * (len(ts) * max(ts) + len(ts) * g * length)
+        assert peak_small == per_slot * (max(ts) + g * length)
+
+
+def test_cascade_decode_syncs_the_host_once_per_step(models, monkeypatch):
+    """Explicit host reads (item / bool / int / float / tolist / nonzero) during decoding: one per
+    decode step on the common path (no rows finish early here).  Counted differentially: the
+    same request with 12 and with 6 decode steps."""
+    model = models["gpt"]
+    docs = _docs()
+    counts = {"n": 0, "depth": 0}
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, original=original, **kwargs):
+            counts["n"] += counts["depth"] == 0  # not the CPU shim's re-dispatch of the same read
+            counts["depth"] += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                counts["depth"] -= 1
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    syncs = {}
+    for length in (6, 12):
+        counts["n"] = 0
+        batch = _sample(model, docs, temperature=0.8, close_id=OPEN + 1, eod_id=None,
+                        length=length, layout="cascade")
+        assert batch.stats["decode_row_steps"] == batch.stats["rows"] * length  # no compaction
+        syncs[length] = counts["n"]
+    assert syncs[12] - syncs[6] <= 6, syncs

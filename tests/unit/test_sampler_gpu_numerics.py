@@ -106,7 +106,7 @@ def _sample(model, docs, positions, temperature=0.8, **kw):
     )
 
 
-def test_fused_causal_softmax_is_detected_and_gets_the_rows_layout(fused_kernels):
+def test_fused_causal_softmax_is_detected_and_gets_a_mask_free_layout(fused_kernels):
     fused = _bf16_model(fusion=True)
     plain = _bf16_model(fusion=False)
     plain.load_state_dict(fused.state_dict())
@@ -118,10 +118,15 @@ def test_fused_causal_softmax_is_detected_and_gets_the_rows_layout(fused_kernels
     # fused kernel qualifies (16 < keys, multiples of 4, 8 attention batches per block).
     docs, positions = _docs((26, 30)), [[19], [12]]
     assert _sample(plain, docs, positions).stats["layout"] == "tree"  # "auto" without fusion
-    got, want = _sample(fused, docs, positions), _sample(plain, docs, positions, layout="rows")
-    assert got.stats["layout"] == "rows"
+    got, want = _sample(fused, docs, positions, layout="rows"), _sample(plain, docs, positions, layout="rows")
     assert torch.equal(got.tokens, want.tokens)
     torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-6, rtol=0)
+    # "auto": the cascade layout (no mask), against the tree layout without the fusion; bf16
+    # K/V and activations, fp32 attention in both: rounding apart
+    cascade, tree = _sample(fused, docs, positions), _sample(plain, docs, positions, layout="tree")
+    assert cascade.stats["layout"] == "cascade"
+    assert torch.equal(cascade.tokens, tree.tokens)
+    torch.testing.assert_close(cascade.logprobs, tree.logprobs, atol=2e-2, rtol=0)
     assert all(sq == sk for _, sq, sk in fused_kernels.shapes)
     with pytest.raises(ValueError, match="'tree' decode layout"):
         _sample(fused, docs, positions, layout="tree")
@@ -130,7 +135,7 @@ def test_fused_causal_softmax_is_detected_and_gets_the_rows_layout(fused_kernels
     # is right there: same thoughts as without the fusion.
     fused_kernels.shapes.clear()
     positions = [[20], [13]]
-    got, want = _sample(fused, docs, positions), _sample(plain, docs, positions, layout="rows")
+    got, want = _sample(fused, docs, positions, layout="rows"), _sample(plain, docs, positions, layout="rows")
     assert fused_kernels.shapes and all(sq == sk for _, sq, sk in fused_kernels.shapes)
     assert torch.equal(got.tokens, want.tokens)
     torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
