@@ -94,7 +94,7 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
                last_stage_layers=None, temperature: float = 0.7, untempered_ratio: bool = False,
                logit_scale: float = LOGIT_SCALE, kl_beta: float = 0.0, reference: bool = True,
                iters: int = 1, updates_per_batch: int = 1, layout=None, rlp_overrides=None,
-               with_reference=True, sequence_parallel=False, preset_name="tiny"):
+               with_reference=True, sequence_parallel=False, preset_name="tiny", straightforward=False):
     """Returns (megatron results, reference results, local shard of the reference tensors).
     ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers).
     ``temperature``: --rlp-temperature (the reference scores the thought tokens at it, or at 1 with
@@ -105,7 +105,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     ``reference=False`` / ``with_reference=False``: the megatron run only (e.g. at DP > 1, which the
     reference does not split, or with the NTP/KL terms it does not model); ``iters`` > 1 and
     ``updates_per_batch`` only then (the reference runs one iteration).  ``layout``:
-    --rlp-update-layout; ``rlp_overrides``: other RLPConfig fields."""
+    --rlp-update-layout; ``rlp_overrides``: other RLPConfig fields; ``straightforward``: the
+    benchmark's baseline (a separate S_pred scoring pass; needs layout="rows")."""
     reference = reference and with_reference
     run = RunConfig()
     run.model.model_preset = preset_name
@@ -133,7 +134,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     stream = DocumentStream(open_indexed_dataset(data_prefix), preset.vocab_size, seed=3, shuffle=False)
     thoughts, forced = given_thoughts(4, cap=rlp.rlp_thought_len)
     source = GivenThoughtSource(thoughts, forced, rlp.rlp_thought_len)
-    objective = RLPObjective(rlp, state, MarkerTokenizer(), stream, thought_source=source)
+    objective = RLPObjective(rlp, state, MarkerTokenizer(), stream, thought_source=source,
+                             straightforward=straightforward)
     model = unwrap_model(state.model[0])
     if model.post_process and logit_scale != 1.0:
         final_norm = getattr(model.decoder, "final_layernorm", None) or getattr(model.decoder, "final_norm", None)
