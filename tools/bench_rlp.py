@@ -18,9 +18,11 @@ Three ways of running the same iteration (same documents, positions and seeds):
 own training setup (megatron_rlp.training.loop, CPU shim on a machine without CUDA), writes
 random-token documents of ``--context-len`` + 1 tokens to a temporary .bin/.idx corpus, and runs
 ``--warmup-iters`` + ``--iters`` RLP iterations of each variant, phase timers on every iteration
-(--timing-log-level 2).  Per phase (teacher baseline, sampling prefill, sampling decode, the rest
-of sampling, scoring, update forward+backward, optimizer, EMA, the rest of the iteration) it
-prints the mean wall time over the timed iterations, the tokens through the model and the model
+(--timing-log-level 2); the variants take turns ``--rounds`` times (in rotated order, each round a
+fresh model from the same seed), so a change in the machine's load falls on all of them.  Per
+phase (teacher baseline, sampling prefill, sampling decode, the rest of sampling, scoring, update
+forward+backward, optimizer, EMA, the rest of the iteration) it prints the median wall time over
+all timed iterations (``total``: the median iteration time), the tokens through the model and the model
 GFLOP of the cost model (:mod:`megatron_rlp.training.cost_model`, the log line's count of the real
 batch: no padding), and the update's padded tokens.  The last line is JSON::
 
@@ -109,7 +111,10 @@ def parse_args(argv=None):
     p.add_argument("--sampler-layout", default="auto", choices=("auto", "tree", "rows"),
                    help="running: decode cache layout of the prefix-sharing sampler (shared_prefix, rows)")
     p.add_argument("--warmup-iters", type=int, default=1)
-    p.add_argument("--iters", type=int, default=3, help="running: timed iterations per variant")
+    p.add_argument("--iters", type=int, default=3, help="running: timed iterations per variant and round")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="running: the variants run one after the other this many times, in rotated order "
+                        "(a shared machine's load changes; medians are over all rounds' timed iterations)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=1234)
@@ -335,29 +340,35 @@ def run_variant(variant: str, args, corpus: str) -> dict:
     return {"iterations": iterations, "thoughts": source.batches}
 
 
-def summarise(result: dict, warmup: int) -> dict:
-    """Mean over the timed iterations: per phase ms, tokens (cost model), GFLOP (model FLOPs)."""
-    timed = result["iterations"][warmup:]
+def summarise(rounds: list, warmup: int) -> dict:
+    """Over the timed iterations of every round: per phase the median ms and the mean tokens
+    (cost model) and GFLOP (model FLOPs); ``total`` ms is the median iteration time."""
+    import statistics
+
+    timed = [it for result in rounds for it in result["iterations"][warmup:]]
     n = len(timed)
+    samples = {k: [] for k in RUN_PHASES + ("total",)}
     phases = {k: {"ms": 0.0, "tokens": 0.0, "gflop": 0.0} for k in RUN_PHASES + ("total",)}
     padded = 0.0
     for it in timed:
         ms, cost = it["record"]["timers_ms"], it["cost"].phases
         for phase, timer in _TIMER_OF.items():
-            phases[phase]["ms"] += ms.get(timer, 0.0) / n
+            samples[phase].append(ms.get(timer, 0.0))
             phases[phase]["tokens"] += cost[phase].tokens / n
             phases[phase]["gflop"] += cost[phase].model_flops / 1e9 / n
         sampling = ms.get("rlp-sampling", 0.0)
-        phases["sampling_other"]["ms"] += (sampling - ms.get("rlp-sampling-prefill", 0.0)
-                                           - ms.get("rlp-sampling-decode", 0.0)) / n
+        samples["sampling_other"].append(sampling - ms.get("rlp-sampling-prefill", 0.0)
+                                         - ms.get("rlp-sampling-decode", 0.0))
         timed_ms = sampling + sum(ms.get(_TIMER_OF[k], 0.0) for k in _TIMER_OF if not k.startswith("sampling"))
         elapsed = it["record"]["elapsed_ms"]
-        phases["other"]["ms"] += (elapsed - timed_ms) / n
-        phases["total"]["ms"] += elapsed / n
+        samples["other"].append(elapsed - timed_ms)
+        samples["total"].append(elapsed)
         phases["total"]["tokens"] += sum(p.tokens for p in cost.values()) / n
         phases["total"]["gflop"] += it["cost"].model_flops / 1e9 / n
         padded += it["padded_update_tokens"] / n
-    return {"phases": phases, "update_padded_tokens": padded,
+    for phase, values in samples.items():
+        phases[phase]["ms"] = statistics.median(values)
+    return {"phases": phases, "update_padded_tokens": padded, "iteration_ms": samples["total"],
             "thought_len_mean": sum(it["thought_len_mean"] or 0.0 for it in timed) / n}
 
 
@@ -369,7 +380,7 @@ def same_thoughts(a: list, b: list) -> float:
     return float(((ta == tb) | (ta < 0) & (tb < 0)).double().mean())
 
 
-def format_run_table(args, summaries: dict, load: tuple) -> str:
+def format_run_table(args, summaries: dict, load: tuple, start_load: tuple) -> str:
     variants = list(summaries)
     contexts = args.docs * args.positions_per_doc
     lines = [
@@ -377,8 +388,9 @@ def format_run_table(args, summaries: dict, load: tuple) -> str:
         f"k={args.positions_per_doc}, thoughts <= {args.thought_len}, {args.docs} documents per iteration "
         f"({contexts} contexts, {contexts * args.num_thoughts} thoughts), update micro-batch "
         f"{args.micro_batch_size} document(s), sampler layout {args.sampler_layout}, T={args.temperature}; "
-        f"mean of {args.iters} iterations after {args.warmup_iters} warm-up; torch threads {args.threads}; "
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        f"median of {args.iters} iterations after {args.warmup_iters} warm-up x {args.rounds} rounds; "
+        f"torch threads {args.threads}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end "
+        f"({start_load[0]:.2f} at the start)",
         f"  {'phase':<17}" + "".join(f"{v:>30}" for v in variants),
         f"  {'':<17}" + "".join(f"{'ms':>10}{'tokens':>10}{'GFLOP':>10}" for _ in variants),
     ]
@@ -408,17 +420,22 @@ def run_benchmark(args) -> dict:
         args.min_context = max(1, args.context_len - args.context_len // 8)
     if not 1 <= args.min_context <= args.context_len:
         raise SystemExit(f"--min-context {args.min_context} must be in [1, --context-len {args.context_len}]")
-    if min(args.warmup_iters, args.iters - 1, args.docs - 1, args.num_thoughts - 2) < 0:
-        raise SystemExit("need --iters >= 1, --warmup-iters >= 0, --docs >= 1 and --num-thoughts >= 2")
+    if min(args.warmup_iters, args.iters - 1, args.rounds - 1, args.docs - 1, args.num_thoughts - 2) < 0:
+        raise SystemExit("need --iters >= 1, --rounds >= 1, --warmup-iters >= 0, --docs >= 1 and --num-thoughts >= 2")
     if args.docs % args.micro_batch_size:
         raise SystemExit(f"--docs {args.docs} must be a multiple of --micro-batch-size {args.micro_batch_size}")
+    start_load = os.getloadavg()
+    results = {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_documents(os.path.join(tmp, "docs"), args.docs * (args.warmup_iters + args.iters) + 1,
                                  args.context_len + 1, preset.vocab_size, args.seed)
-        results = {v: run_variant(v, args, corpus) for v in args.variants}
+        for r in range(args.rounds):
+            order = args.variants[r % len(args.variants):] + args.variants[:r % len(args.variants)]
+            for v in order:
+                results[v].append(run_variant(v, args, corpus))
     load = os.getloadavg()
     summaries = {v: summarise(r, args.warmup_iters) for v, r in results.items()}
-    print(format_run_table(args, summaries, load))
+    print(format_run_table(args, summaries, load, start_load))
 
     def ratio(key, a, b):
         if a not in summaries or b not in summaries:
@@ -432,15 +449,16 @@ def run_benchmark(args) -> dict:
         "time_ratio_straightforward": ratio("ms", "shared_prefix", "straightforward"),
         "phases": {v: s["phases"] for v, s in summaries.items()},
         "update_padded_tokens": {v: s["update_padded_tokens"] for v, s in summaries.items()},
-        "same_first_thoughts": {v: same_thoughts(results[args.variants[0]]["thoughts"], r["thoughts"])
+        "iteration_ms": {v: s["iteration_ms"] for v, s in summaries.items()},
+        "same_first_thoughts": {v: same_thoughts(results[args.variants[0]][0]["thoughts"], r[0]["thoughts"])
                                 for v, r in results.items()},
         "settings": {"preset": args.preset, "context_len": args.context_len, "min_context": args.min_context,
                      "num_thoughts": args.num_thoughts, "positions_per_doc": args.positions_per_doc,
                      "thought_len": args.thought_len, "docs": args.docs, "micro_batch_size": args.micro_batch_size,
                      "sampler_micro_batch_size": args.sampler_micro_batch_size,
                      "sampler_layout": args.sampler_layout, "iters": args.iters,
-                     "warmup_iters": args.warmup_iters, "threads": args.threads},
-        "load_average": list(load),
+                     "warmup_iters": args.warmup_iters, "rounds": args.rounds, "threads": args.threads},
+        "load_average": list(load), "load_average_at_start": list(start_load),
     }
     print(json.dumps(out))
     return out
