@@ -6,7 +6,8 @@ same prefix recomputed for each of the G branches, nothing shared across positio
 branches), then one-token decode steps for those G rows until they all stop.  Sampling, stopping
 and the returned :class:`ThoughtBatch` are the same as :func:`sample_thoughts` (same noise keys:
 (seed, step, global row id, vocabulary id)), so both samplers draw the same thoughts up to float
-rounding of the logits — the benchmark checks that too.  It runs on any TP/PP layout (at PP > 1 one
+rounding of the logits — the benchmark checks that too.  ``stats["prefill_s"]`` is the time of the
+re-prefills (step 0 of every context), ``stats["decode_s"]`` the rest of the steps.  It runs on any TP/PP layout (at PP > 1 one
 context at a time, so the pipeline is mostly idle: that is part of being naive).
 """
 
