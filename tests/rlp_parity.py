@@ -121,7 +121,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
                logit_scale: float = LOGIT_SCALE, kl_beta: float = 0.0, reference: bool = True,
                iters: int = 1, updates_per_batch: int = 1, layout=None, rlp_overrides=None,
                with_reference=True, sequence_parallel=False, preset_name="tiny", reward="info-gain",
-               match_tokens=1, predictions="given", position_filter="none", entropy_top_frac=0.5):
+               match_tokens=1, predictions="given", position_filter="none", entropy_top_frac=0.5,
+               straightforward=False):
     """Returns (megatron results, reference results, local shard of the reference tensors).
     ``first/last_stage_layers``: an uneven pipeline split (--decoder-first/last-pipeline-num-layers).
     ``temperature``: --rlp-temperature (the reference scores the thought tokens at it, or at 1 with
@@ -136,7 +137,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     --rlp-reward / --rlp-reward-match-tokens; with prefix-match ``predictions`` "given" injects
     :class:`GivenPredictionSource`, "sampled" keeps the objective's own sampler, and the reference
     then draws its own predictions with the same noise (returned as ref["predicted"]).
-    ``position_filter``/``entropy_top_frac``: --rlp-position-filter / --rlp-entropy-top-frac."""
+    ``position_filter``/``entropy_top_frac``: --rlp-position-filter / --rlp-entropy-top-frac.
+    ``straightforward``: the benchmark's baseline (a separate S_pred scoring pass; needs layout="rows")."""
     reference = reference and with_reference
     run = RunConfig()
     run.model.model_preset = preset_name
@@ -167,7 +169,8 @@ def run_parity(data_prefix: str, tp: int, pp: int, tie: bool = True, teacher_noi
     thoughts, forced = given_thoughts(4, cap=rlp.rlp_thought_len)
     source = GivenThoughtSource(thoughts, forced, rlp.rlp_thought_len)
     given = GivenPredictionSource() if reward == "prefix-match" and predictions == "given" else None
-    objective = RLPObjective(rlp, state, MarkerTokenizer(), stream, thought_source=source, prediction_source=given)
+    objective = RLPObjective(rlp, state, MarkerTokenizer(), stream, thought_source=source, prediction_source=given,
+                             straightforward=straightforward)
     prediction_calls = []
     if reward == "prefix-match" and predictions == "sampled":
         sample = objective.prediction_source

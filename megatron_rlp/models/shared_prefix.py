@@ -19,7 +19,9 @@ Mask-free form (no [S, S] mask is built): each branch's queries attend twice,
 
 and the two partial outputs are merged through their log-sum-exps (Hydragen / cascade attention):
 ``lse = logaddexp(lse_ctx, lse_own)``, ``out = e^(lse_ctx − lse) out_ctx + e^(lse_own − lse) out_own``
-— exactly softmax attention over the concatenated keys.
+— exactly softmax attention over the concatenated keys.  (The torch path below takes that softmax
+directly over the two score blocks side by side, [context keys | own keys]; a fused GPU form would
+run the two parts as two kernels and merge them as above.)
 
 Mamba layers (hybrid models, :func:`shared_prefix_ssm`, called by ``HybridMambaMixer``): the
 context runs as a sequence of its own; every branch starts from what the row layout has at t —
@@ -29,8 +31,9 @@ context's state gets the gradient of all of them).  megatron's ``MambaMixer`` ta
 state in training; the mixer's own attributes (in_proj, conv1d, A_log, D, dt_bias, gated norm,
 out_proj) are used unchanged.
 
-Kernels.  Attention: one implementation, in plain torch (fp32 scores and softmax, cast back to
-the activation dtype), on CPU and on a GPU alike.  It is a megatron-core core-attention module
+Kernels.  Attention: one implementation, in plain torch (fp32, cast back to the activation dtype),
+on CPU and on a GPU alike: the contexts through ``torch.nn.functional.scaled_dot_product_attention``
+(causal; PyTorch picks the kernel), the branches as score blocks and one softmax.  It is a megatron-core core-attention module
 (:func:`shared_prefix_core_attention` subclasses the layer spec's own core attention —
 megatron's ``DotProductAttention`` or Transformer Engine's ``TEDotProductAttention`` — and takes
 over only when the forward carries a :class:`SharedPrefixLayout`; every other call, sampling and
@@ -39,7 +42,7 @@ map one-to-one onto kernels that return their log-sum-exp (flash-attention's ``f
 return_attn_probs=True)``, FlexAttention with ``return_lse``); their backward must then be taken
 with the *merged* output and lse (flash-attention's ``_flash_attn_backward(dout, q, k_part,
 v_part, out, lse)`` per part gives the exact gradient of the concatenated attention) — not wired
-here, not run on a GPU.  The torch path materialises [G, heads, 1+L, t] and [G, heads, 1+L, 1+L]
+here, not run on a GPU.  The torch path materialises the branches' [G, heads, 1+L, t + 1+L]
 scores per row and layer (what megatron's local ``DotProductAttention`` does for a whole row).
 Scan: the mixer module's ``mamba_chunk_scan_combined`` — mamba-ssm's Triton kernel on a GPU
 (its ``initial_states`` is differentiable), :mod:`megatron_rlp.models.mamba_torch` on CPU; the
@@ -102,32 +105,6 @@ class SharedPrefixLayout(PackedSeqParams):
         return rows
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-            key_mask: torch.Tensor | None = None):
-    """Softmax attention in fp32 over [..., Lq, h, d] queries and [..., Lk, h, d] keys/values
-    (leading dims broadcast); ``key_mask`` [..., Lk] marks the keys that exist.  Returns the output
-    [..., Lq, h, d] and the log-sum-exp [..., h, Lq]."""
-    scores = torch.einsum("...qhd,...khd->...hqk", q.float(), k.float()) * scale
-    if causal:
-        lq, lk = scores.shape[-2], scores.shape[-1]
-        future = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[..., None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1))
-    return torch.einsum("...hqk,...khd->...qhd", probs, v.float()), lse
-
-
-def merge_attention(out_a, lse_a, out_b, lse_b):
-    """Softmax attention over keys A ∪ B from the attentions over A and over B (outputs
-    [..., L, h, d], log-sum-exps [..., h, L])."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    w_a = torch.exp(lse_a - lse).transpose(-1, -2).unsqueeze(-1)  # [..., L, h, 1]
-    w_b = torch.exp(lse_b - lse).transpose(-1, -2).unsqueeze(-1)
-    return w_a * out_a + w_b * out_b
-
-
 @dataclass
 class _PackedIndex:
     """Index tensors of a layout in a [B, S] micro-batch (built once, shared by every layer)."""
@@ -172,32 +149,58 @@ def _packed_index(layout: SharedPrefixLayout, s: int, device) -> _PackedIndex:
     return index
 
 
+def _branch_mask(layout: SharedPrefixLayout, index: _PackedIndex, longest: int, device) -> torch.Tensor:
+    """[B, 1, 1, 1, Lb, T + Lb]: the keys a branch token may see — its row's context (slot < t) and
+    its own branch up to itself (built once per layout, shared by every layer)."""
+    key = ("branch_mask", longest, str(device))
+    if key not in layout._index:
+        nb, width = index.context_mask.shape
+        own = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+        allowed = torch.cat([index.context_mask[:, None, :].expand(nb, longest, width),
+                             own.expand(nb, longest, longest)], dim=-1)
+        layout._index[key] = allowed[:, None, None, None]
+    return layout._index[key]
+
+
 def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             layout: SharedPrefixLayout, scale: float) -> torch.Tensor:
     """Core attention of packed rows (see module docstring), all rows of the micro-batch at once.
 
     query [S, B, hq, d], key/value [S, B, hk, d] (grouped-query: hq a multiple of hk), as
     megatron's core attention receives them (RoPE applied).  Returns [S, B, hq*d]; padding slots
-    are zero.
+    are zero.  Computed in fp32.  The contexts: causal ``scaled_dot_product_attention`` (a
+    context's outputs past its t are never used, so keys past t need no mask).  The branches
+    [B, G, Lb] (padded to the longest: padding queries sit after a branch's real tokens, so the
+    causal part keeps them out of every real query's keys): scores against the row's context keys
+    (computed once, read by all G branches: their gradients add up in the context) and against
+    the branch's own keys, one softmax over both — the LSE merge of the module docstring, done
+    exactly.  Query heads are grouped over their KV head, never copying K/V per query head.
     """
+    import torch.nn.functional as F
+
     s, nb, hq, d = query.shape
     if len(layout.context_lens) != nb:
         raise ValueError(f"shared-prefix layout describes {len(layout.context_lens)} rows, the batch has {nb}")
     index = _packed_index(layout, s, query.device)
-    repeat = hq // key.shape[2]
-    q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)  # [B, S, h, d]
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+    hk = key.shape[2]
+    rep = hq // hk
+    q = query.transpose(0, 1).float() * scale  # [B, S, h, d]
+    k, v = key.transpose(0, 1).float(), value.transpose(0, 1).float()
     width = index.context_width
-    ctx_k, ctx_v = k[:, :width], v[:, :width]  # [B, T, h, d]; keys past t_b are masked
-    ctx_out, _ = _attend(q[:, :width], ctx_k, ctx_v, scale, causal=True, key_mask=index.context_mask)
-    # Branches [B, G, Lb, h, d], padded to the longest: padding queries sit after a branch's real
-    # tokens, so the causal mask keeps them out of every real query's keys.
-    qb, kb, vb = (x[index.row, index.branch_slots] for x in (q, k, v))
-    out_ctx, lse_ctx = _attend(qb, ctx_k.unsqueeze(1), ctx_v.unsqueeze(1), scale, causal=False,
-                               key_mask=index.context_mask[:, None])  # context K/V shared by the G branches
-    out_own, lse_own = _attend(qb, kb, vb, scale, causal=True)
-    branch_out = merge_attention(out_ctx, lse_ctx, out_own, lse_own)
+    ctx_k, ctx_v = k[:, :width], v[:, :width]  # [B, T, hk, d]
+    ctx_out = F.scaled_dot_product_attention(
+        q[:, :width].transpose(1, 2), ctx_k.transpose(1, 2), ctx_v.transpose(1, 2),
+        is_causal=True, scale=1.0, enable_gqa=rep > 1,
+    ).transpose(1, 2)  # [B, T, hq, d]
+    g, longest = index.branch_slots.shape[1:]
+    qb = q[index.row, index.branch_slots].view(nb, g, longest, hk, rep, d)  # head h = kv head h // rep
+    kb, vb = (x[index.row, index.branch_slots] for x in (k, v))  # [B, G, Lb, hk, d]
+    scores = torch.cat([torch.einsum("bglkrd,btkd->bkrglt", qb, ctx_k),
+                        torch.einsum("bglkrd,bgmkd->bkrglm", qb, kb)], dim=-1)
+    scores = scores.masked_fill(~_branch_mask(layout, index, longest, query.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    branch_out = (torch.einsum("bkrglt,btkd->bglkrd", probs[..., :width], ctx_v)
+                  + torch.einsum("bkrglm,bgmkd->bglkrd", probs[..., width:], vb))
     entries = torch.cat([ctx_out.reshape(-1, hq, d), branch_out.reshape(-1, hq, d), ctx_out.new_zeros(1, hq, d)])
     out = entries[index.source]  # [B, S, h, d]
     return out.transpose(0, 1).to(query.dtype).reshape(s, nb, hq * d)

@@ -248,6 +248,18 @@ def _take_slots(labels: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -
     return labels[rows[:, None], slots.clamp(min=0)]
 
 
+def _real_logprobs(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tp_group, entropy: bool = False,
+                   **kwargs):
+    """The fused kernel on the rows whose target is not IGNORE only (log-prob and entropy 0 for the
+    others): padded thought slots and non-context slots never reach the output layer, so its work
+    is that of the real slots, which is what the cost model counts."""
+    keep = (targets != IGNORE).nonzero().squeeze(1)
+    out = linear_logprob(rows.index_select(0, keep), weight, targets.index_select(0, keep), tp_group,
+                         entropy=entropy, **kwargs)
+    full = [o.new_zeros(targets.shape).index_put((keep,), o) for o in (out if entropy else (out,))]
+    return tuple(full) if entropy else full[0]
+
+
 def _gather_rows(hidden_bsh: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """hidden [B, S, H], slots [B, K] (-1 = none, gathers slot 0) -> [B, K, H]."""
     idx = slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden_bsh.shape[-1])
@@ -326,11 +338,13 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
     valid = torch.cat([batch["thought_slot"] >= 0, torch.ones(b, 1, dtype=torch.bool, device=hidden.device)], dim=1)
     targets = torch.where(valid, _take_slots(batch["labels"], branch_row, slots), torch.full_like(slots, IGNORE))
     rows = _score_at_policy_temperature(_gather_slots(hidden, branch_row, slots), config).reshape(-1, hidden.shape[-1])
-    logp, entropy = linear_logprob(rows, weight, targets.reshape(-1), tp_group, entropy=True,
+    logp, entropy = _real_logprobs(rows, weight, targets.reshape(-1), tp_group, entropy=True,
                                    vocab_size=vocab_size, reduce_hidden_grad=reduce_grad)
     logp = logp.view(b, -1)
     entropy = entropy.view(b, -1)
     logp_thought, s_pred = logp[:, :-1], logp[:, -1].detach()
+    if "s_pred_scored" in batch:  # the straightforward baseline: S_pred from its own scoring pass
+        s_pred = batch["s_pred_scored"]
 
     mask = batch["thought_mask"]
     n_ctx = b // g
@@ -351,7 +365,7 @@ def rlp_loss_func(batch: dict, model, config: RLPConfig, output_tensor: torch.Te
         ctx_slots = torch.arange(batch["labels"].shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         ctx_mask = ctx_slots < batch["context_len"][:, None]
         ctx_targets = torch.where(ctx_mask, batch["labels"], torch.full_like(batch["labels"], IGNORE))
-        ctx_logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight, ctx_targets.reshape(-1), tp_group,
+        ctx_logp = _real_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, ctx_targets.reshape(-1), tp_group,
                                   vocab_size=vocab_size, reduce_hidden_grad=reduce_grad)
         # Per thought, as the rows layout counts it (a shared context counts once per thought).
         ctx_logp = ctx_logp.view(hidden.shape[0], -1)[branch_row.to(ctx_logp.device)]
@@ -409,11 +423,25 @@ ThoughtSource = Callable[..., "object"]  # same signature as megatron_rlp.sampli
 PredictionSource = Callable[..., Optional[torch.Tensor]]
 
 
+def straightforward_thought_source(model, documents, positions, micro_batch_size=None, **kwargs):
+    """The straightforward baseline's sampler: each thought re-prefilled on its own
+    (:func:`megatron_rlp.sampling.sample_thoughts_naive`, one context at a time; no micro-batches)."""
+    from megatron_rlp.sampling import sample_thoughts_naive
+
+    return sample_thoughts_naive(model, documents, positions, **kwargs)
+
+
 class RLPObjective:
+    """``straightforward=True`` runs the benchmark's baseline (tools/bench_rlp.py) instead of the
+    project's iteration: thoughts from :func:`straightforward_thought_source` (unless a
+    ``thought_source`` is given), S_pred from a separate no-grad forward over the update rows (the
+    rewards and advantages come from it), then the one-row-per-thought update (needs
+    ``rlp_update_layout='rows'``).  Same loss, rewards and gradients as the rows layout."""
+
     name = "rlp"
 
     def __init__(self, config: RLPConfig, state, tokenizer, stream, thought_source: Optional[ThoughtSource] = None,
-                 prediction_source: Optional[PredictionSource] = None):
+                 prediction_source: Optional[PredictionSource] = None, straightforward: bool = False):
         validate_rlp_config(config)
         # --seq-length is the budget of every row: context + open + thought + close inputs
         # (+ N − 1 continuation tokens for prefix-match, whose x_t..x_{t+N−1} must be in the window).
@@ -424,6 +452,13 @@ class RLPObjective:
         self.max_context = longest_context(self.max_sequence_length, config.rlp_thought_len, self.target_tokens)
         validate_position_filter(config, self.max_context)
         self.update_layout = resolve_update_layout(config.rlp_update_layout, state.preset.family)
+        self.straightforward = straightforward
+        if straightforward and config.rlp_reward != "info-gain":
+            raise ValueError("the straightforward baseline scores S_pred for the information-gain reward; "
+                             "run it with --rlp-reward info-gain")
+        if straightforward and self.update_layout != "rows":
+            raise ValueError("the straightforward baseline updates one row per thought: set rlp_update_layout='rows' "
+                             "(--rlp-update-layout rows)")
         self.config = config
         self.state = state
         self.stream = stream
@@ -444,7 +479,9 @@ class RLPObjective:
                 f"--rlp-positions-file {config.rlp_positions_file!r} lists {len(self.allowed_positions)} "
                 f"documents, fewer than the {stream.num_documents} of --data-path; give one list per document"
             )
-        if thought_source is None:
+        if thought_source is None and straightforward:
+            thought_source = straightforward_thought_source
+        elif thought_source is None:
             from megatron_rlp.sampling import sample_thoughts
 
             thought_source = sample_thoughts
@@ -454,6 +491,7 @@ class RLPObjective:
         self._cached: list[dict] = []
         self._teacher_windows: Optional[list[int]] = None  # this iteration's sampling, for iteration_cost()
         self._teacher_rows: list[int] = []  # x_t rows the teacher scored per window (iteration_cost())
+        self._prefill_lens: list[int] = []  # tokens of each document's sampler prefill (its largest t)
         self.timers = Timers()  # the loop's phase timers replace this inactive one
         for chunk in self.models:
             chunk.return_hidden = True
@@ -635,6 +673,7 @@ class RLPObjective:
         self.timers.add("rlp-sampling-decode", thoughts.stats.get("decode_s"))
         closed, closed_len = thoughts.closed_tokens(self.pad_id)
         self._teacher_windows = [len(d) - 1 for d in docs] if s_ema is not None else []
+        self._prefill_lens = [max(p) for p in positions]
         shared = self.update_layout == "shared"
         # Inputs of a row: rows layout x_<t, open, thought + close (x_t is the last label);
         # shared layout x_<t and every branch (open, thought + close).
@@ -682,6 +721,9 @@ class RLPObjective:
                 if predicted is not None:  # the last pipeline stage (or an injected source)
                     extra["predicted"] = predicted[ctx].reshape(-1, n).clone()
                 mb.update(platform.to_device(extra))
+        if self.straightforward:
+            with self.timers("rlp-scoring"):
+                self._score_predictions(microbatches)
         if self.reference is not None:
             self._score_reference(microbatches)
         return microbatches
@@ -742,6 +784,15 @@ class RLPObjective:
             return None
         return torch.cat([o["predicted"] for o in outputs]).view(contexts, g, n).cpu()
 
+    def _score_predictions(self, microbatches: list[dict]) -> None:
+        """The straightforward baseline's scoring pass: S_pred of every thought from a no-grad
+        forward over the update rows (rlp_loss_func takes it instead of the update's own)."""
+        with torch.no_grad():
+            outputs = self._forward_only(microbatches, partial(_score_target_loss, vocab_size=self.vocab_size))
+        if parallel_state.is_pipeline_last_stage():
+            for mb, out in zip(microbatches, outputs):
+                mb["s_pred_scored"] = out["logp"]
+
     def _score_reference(self, microbatches: list[dict]) -> None:
         """log π_ref of the thought tokens (frozen initial model), for the optional KL term."""
         with self.reference.swap_into(self.models), torch.no_grad():
@@ -772,7 +823,9 @@ class RLPObjective:
     # -- FLOPs of the iteration (the log line's TFLOP/s) ------------------------------------------
     @property
     def cost_variant(self) -> str:
-        """The update's layout in cost_model.VARIANTS terms."""
+        """The iteration's variant in cost_model.VARIANTS terms."""
+        if self.straightforward:
+            return "straightforward"
         return "shared_prefix" if self.update_layout == "shared" else "rows"
 
     def iteration_cost(self, preset, global_batch_size: int, recompute: str = "none") -> IterationCost:
@@ -790,6 +843,8 @@ class RLPObjective:
             positions_per_doc=self.config.rlp_positions_per_doc, sampled=sampled,
             teacher_rows=self._teacher_rows if self._teacher_windows else None,
             prediction_tokens=self.target_tokens if self.config.rlp_reward == "prefix-match" else 0,
+            prefill_lens=self._prefill_lens if sampled else None, ntp=self.config.rlp_ntp_weight > 0,
+            kl_reference=self.reference is not None,
         )
         per_rank = [k for k in cost.phases if k not in ("optimizer", "ema")]
         if parallel_state.get_data_parallel_world_size() > 1:
@@ -982,6 +1037,18 @@ def _score_slots_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_siz
     return logp.new_zeros(()), result
 
 
+def _score_target_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None):
+    """S_pred = log p_θ(x_t | x_<t, open, c_i, close) at T = 1 of every thought, no gradient (the
+    straightforward baseline's separate scoring pass)."""
+    hidden, _ = _final_hidden(output_tensor, model)
+    rows = _branch_rows(batch, hidden.shape[0])
+    slots = batch["target_slot"][:, None]
+    logp = linear_logprob(_gather_slots(hidden, rows, slots).reshape(-1, hidden.shape[-1]), output_weight(model),
+                          _take_slots(batch["labels"], rows, slots).reshape(-1),
+                          parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
+    return logp.new_zeros(()), {"logp": logp.detach()}
+
+
 def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_size: Optional[int] = None,
                          inverse_temperature: float = 1.0):
     """log π_ref of the thought tokens, under the same temperature as the policy's log-probs (the
@@ -992,7 +1059,7 @@ def _score_thoughts_loss(batch: dict, model, output_tensor: torch.Tensor, vocab_
     targets = torch.where(slots >= 0, _take_slots(batch["labels"], branch_row, slots), torch.full_like(slots, IGNORE))
     rows = _gather_slots(hidden, branch_row, slots)
     rows = (rows.float() * inverse_temperature).to(rows.dtype).reshape(-1, hidden.shape[-1])
-    logp = linear_logprob(rows, output_weight(model), targets.reshape(-1),
+    logp = _real_logprobs(rows, output_weight(model), targets.reshape(-1),
                           parallel_state.get_tensor_model_parallel_group(), vocab_size=vocab_size)
     return logp.new_zeros(()), {"logp": logp.detach().view(slots.shape)}
 

@@ -12,7 +12,8 @@ same prefix recomputed for each of the G branches, nothing shared across positio
 branches), then one-token decode steps for those G rows until they all stop.  Sampling, stopping
 and the returned :class:`ThoughtBatch` are the same as :func:`sample_thoughts` (same noise keys:
 (seed, step, global row id, vocabulary id)), so both samplers draw the same thoughts up to float
-rounding of the logits — the benchmark checks that too.  It runs on any TP/PP layout (at PP > 1 one
+rounding of the logits — the benchmark checks that too.  ``stats["prefill_s"]`` is the time of the
+re-prefills (step 0 of every context), ``stats["decode_s"]`` the rest of the steps.  It runs on any TP/PP layout (at PP > 1 one
 context at a time, so the pipeline is mostly idle: that is part of being naive).
 """
 
@@ -28,6 +29,25 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron_rlp.sampling.pipeline import StageInfo, run_pipelined
 from megatron_rlp.sampling.sampler import _check_model, assemble_batch, summary_stats
 from megatron_rlp.sampling.thoughts import ThoughtJob, sampling_vocab_size, validate_request
+from megatron_rlp.training.timers import device_synchronize
+
+
+class _TimedPrefillJob(ThoughtJob):
+    """A naive job that times its step 0, the re-prefill of x_<t + open marker (this stage's
+    forward, device synchronized), so the benchmark can split prefill from decode."""
+
+    prefill_s = 0.0
+
+    def step_input(self, step: int):
+        if step == 0:
+            device_synchronize()
+            self._prefill_start = time.perf_counter()
+        return super().step_input(step)
+
+    def after_forward(self, step: int) -> None:
+        if step == 0:
+            device_synchronize()
+            self.prefill_s = time.perf_counter() - self._prefill_start
 
 
 def sample_thoughts_naive(
@@ -57,7 +77,7 @@ def sample_thoughts_naive(
     was_training = model.training
     model.eval()
     t_start = time.perf_counter()
-    jobs, prefill_tokens, forward_calls = [], 0, 0
+    jobs, prefill_tokens, forward_calls, prefill_s, pipelined_s = [], 0, 0, 0.0, 0.0
     try:
         with torch.no_grad():
             for n, (b, t) in enumerate(contexts):
@@ -66,13 +86,15 @@ def sample_thoughts_naive(
                 prefix = documents[b][:t].to(torch.int64).to(device)[None].expand(g, -1)
                 ctx = StaticInferenceContext(max_batch_size=g, max_sequence_length=t + max_thought_len)
                 ctx.materialize_only_last_token_logits = False
-                job = ThoughtJob(
+                job = _TimedPrefillJob(
                     model, stage, rows, torch.full((g,), t), ctx, t, max_thought_len,
                     open_id, close_id, eod_id, float(temperature), int(seed), device,
                     prefix=prefix, vocab_size=vocab_size,
                 )
                 phase = run_pipelined(model, stage, [job], feedback=True)
                 job.context = None  # free the cache; the records stay
+                prefill_s += job.prefill_s
+                pipelined_s += phase.seconds
                 jobs.append(job)
                 prefill_tokens += g * (t + 1)
                 forward_calls += len(phase.items)
@@ -91,6 +113,8 @@ def sample_thoughts_naive(
             "rows": len(contexts) * num_thoughts,
             "prefill_tokens": prefill_tokens,
             "forward_calls": forward_calls,
+            "prefill_s": prefill_s,
+            "decode_s": pipelined_s - prefill_s,
             "total_s": total_s,
             "tokens_per_s": stats["thought_tokens"] / max(total_s, 1e-9),
         }

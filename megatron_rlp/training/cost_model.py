@@ -31,14 +31,25 @@ kv_channels, f FFN width, x2 for SwiGLU's fc1; Mamba: d_i = heads x head_dim, g 
 Attention counts the keys each query actually attends: s(s+1)/2 for a causal sequence of s tokens
 (Megatron-LM's current formula counts s²/2), a cached decode step at position p attends p + 1 keys.
 
-**Model FLOPs** count forward + backward = 3 x forward of the work a phase needs (Megatron-LM's
-TFLOP/s convention).  **Hardware FLOPs** add what recomputation re-runs: the whole update forward
-with ``recompute="full"``, the core attention (QK^T, AV) with ``"selective"``.  Padding is not
-counted in either (the "rows" update pads micro-batches to the widest row; that waste is real on
-the GPU but is not work the iteration needs), nor is the masked-out work of the sampler's "tree"
-decode layout.  Unlike Megatron-LM's formula, which puts logits on every token, RLP phases count
-the output layer only where logits are computed (thought tokens and x_t in the update, one row per
-decode step, the k positions in the teacher); next-token iterations count every token.
+**Model FLOPs** count forward + backward = 3 x forward of the work a phase needs on real tokens
+(Megatron-LM's TFLOP/s convention).  They are what the log line's TFLOP/s/GPU divides by time
+(:func:`rlp_batch_cost` of the actual batch), what ``tools/bench_rlp.py`` reports per phase and
+what its ``flops_ratio`` / ``flops_ratio_straightforward`` compare.  **Hardware FLOPs** add what
+recomputation re-runs: the whole update forward with ``recompute="full"``, the core attention
+(QK^T, AV) with ``"selective"``; the dry run prints them next to the model FLOPs and
+``bench_rlp.py --analytic --recompute`` prints them; no throughput figure uses them.
+
+Padding is in neither (the work the iteration needs, not the shapes it runs in): not the update
+micro-batches' padding to their widest row, not the sampler's prefill padded to the longest
+document of its micro-batch, finished rows that decode on until their micro-batch stops, or the
+masked-out work of the "tree" decode layout.  :func:`padded_update_cost` is the exception: the
+update as executed with its padding, for ``bench_rlp.py --analytic``'s ratios against the padded
+rows layouts.  The output layer is counted on the rows the code sends through it, which are real
+slots only (the RLP step drops IGNORE targets before the fused kernel): thought tokens, close
+marker and x_t in the update (plus the context slots with --rlp-ntp-weight > 0), the k positions
+in the teacher, one row per decode step in the sampler; next-token iterations count every token
+(Megatron-LM's formula puts logits on every token).  The sampler prefills a document once for all
+its k positions (``prefill_lens``), the straightforward baseline every thought.
 """
 
 from __future__ import annotations
@@ -51,9 +62,10 @@ from typing import Optional, Sequence, Union
 from megatron_rlp.models.presets import ModelPreset
 
 __all__ = [
-    "VARIANTS", "PHASES", "RLPSettings", "Layout", "PhaseCost", "IterationCost", "Work",
+    "VARIANTS", "PHASES", "RLPSettings", "ThoughtLengths", "Layout", "PhaseCost", "IterationCost", "Work",
     "layer_kinds", "stage_layer_kinds", "stage_parameters", "total_parameters",
-    "forward_flops", "rlp_iteration_cost", "rlp_batch_cost", "ntp_iteration_cost", "training_flops",
+    "forward_flops", "rlp_iteration_cost", "rlp_batch_cost", "padded_update_cost", "ntp_iteration_cost",
+    "training_flops",
     "StageMemory", "stage_memory",
 ]
 
@@ -278,19 +290,23 @@ class RLPSettings:
     ``prediction_tokens``: N of --rlp-reward prefix-match (0: the information-gain reward, no
     prediction pass).  ``teacher_rows_per_doc``: logit rows of the teacher per document (default
     ``positions_per_doc``; the entropy position filter scores every candidate).
+    ``thought_len`` may also be a :class:`ThoughtLengths` distribution (values with probabilities).
+    ``ntp`` / ``kl_reference``: --rlp-ntp-weight > 0 / --rlp-kl-beta > 0 (see :func:`_context_work`).
     The sampling temperature does not change any FLOP count and is not an input.
     """
 
     contexts: int
     context_len: Union[int, Sequence[int]]
     num_thoughts: int
-    thought_len: Union[float, Sequence[float]]
+    thought_len: Union[float, Sequence[float], "ThoughtLengths"]
     positions_per_doc: int = 1
     window_len: Optional[int] = None
     baseline_interval: int = 1
     updates_per_batch: int = 1
     prediction_tokens: int = 0
     teacher_rows_per_doc: Optional[int] = None
+    ntp: bool = False
+    kl_reference: bool = False
 
     def __post_init__(self):
         cs, ls = self.context_lens, self.thought_lens
@@ -316,16 +332,102 @@ class RLPSettings:
 
     @property
     def thought_lens(self) -> tuple:
+        if isinstance(self.thought_len, ThoughtLengths):
+            return self.thought_len.values
         return tuple(self.thought_len) if isinstance(self.thought_len, (list, tuple)) else (self.thought_len,)
 
+    @property
+    def thought_probs(self) -> tuple:
+        if isinstance(self.thought_len, ThoughtLengths):
+            return self.thought_len.probs
+        n = len(self.thought_lens)
+        return (1.0 / n,) * n
 
-def _context_work(variant: str, c: float, branch_lens: Sequence[float], prediction_tokens: int = 0) -> dict[str, Work]:
+    @property
+    def thought_distribution(self) -> "ThoughtLengths":
+        return ThoughtLengths(tuple(self.thought_lens), tuple(self.thought_probs))
+
+
+@dataclass(frozen=True)
+class ThoughtLengths:
+    """A distribution of thought lengths (tokens before the close marker): ``values`` with
+    probabilities ``probs``."""
+
+    values: tuple
+    probs: tuple
+
+    def __post_init__(self):
+        if len(self.values) != len(self.probs) or not self.values or abs(sum(self.probs) - 1.0) > 1e-9:
+            raise ValueError("ThoughtLengths needs as many probabilities as values, summing to 1")
+
+    @classmethod
+    def fixed(cls, length: float) -> "ThoughtLengths":
+        return cls((length,), (1.0,))
+
+    @classmethod
+    def capped_geometric(cls, mean: float, cap: int) -> "ThoughtLengths":
+        """The sampler's lengths under a constant close probability p per sampled token (a
+        memoryless policy): L = u < cap with probability (1−p)^u p, L = cap (close forced) with
+        (1−p)^cap.  p is set so that E[L] = ``mean``; ``mean`` = cap puts every thought at the cap."""
+        if not 0 <= mean <= cap or cap < 1:
+            raise ValueError(f"a mean thought length of {mean} needs 0 <= mean <= cap ({cap})")
+        if mean >= cap:
+            return cls.fixed(cap)
+
+        def mean_of(p: float) -> float:  # E[L] = q (1 − q^cap) / p, decreasing in p
+            q = 1.0 - p
+            return q * (1.0 - q ** cap) / p
+
+        lo, hi = 1e-12, 1.0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if mean_of(mid) > mean else (lo, mid)
+        p = 0.5 * (lo + hi)
+        q = 1.0 - p
+        probs = [q ** u * p for u in range(cap)] + [q ** cap]
+        return cls(tuple(range(cap + 1)), tuple(probs))
+
+    @property
+    def mean(self) -> float:
+        return sum(v * p for v, p in zip(self.values, self.probs))
+
+    def cdf(self) -> list:
+        out, acc = [], 0.0
+        for p in self.probs:
+            acc += p
+            out.append(min(acc, 1.0))
+        return out
+
+    def max_of(self, n: int) -> "ThoughtLengths":
+        """The distribution of the largest of ``n`` independent draws."""
+        order = sorted(range(len(self.values)), key=lambda i: self.values[i])
+        values = [self.values[i] for i in order]
+        probs, acc, below = [], 0.0, 0.0
+        for i in order:
+            acc = min(acc + self.probs[i], 1.0)
+            probs.append(acc ** n - below)
+            below = acc ** n
+        total = sum(probs)
+        return ThoughtLengths(tuple(values), tuple(p / total for p in probs))
+
+    def expect(self, f) -> float:
+        return sum(p * f(v) for v, p in zip(self.values, self.probs))
+
+
+def _context_work(variant: str, c: float, branch_lens: Sequence[float], ntp: bool = False,
+                  kl_reference: bool = False, prediction_tokens: int = 0) -> dict[str, Work]:
     """Forward work of one context and its branches (thought lengths ``branch_lens``) per phase.
 
     Branch inputs are open marker, L thought tokens, close marker (L + 2 tokens); x_t is a label.
     Sampling feeds the open marker and the L thought tokens (the close is sampled, not fed).
     Prefix-match (``prediction_tokens`` N > 0) adds a forward-only pass in the update's layout over
     the branches fed N − 1 continuation tokens more, with logits at N rows per branch.
+    Logit rows are those the code sends through the output layer: in the update the L + 1 thought
+    slots (tokens and close) and x_t's slot of each branch (padded slots and the context are
+    skipped); with ``ntp`` (--rlp-ntp-weight > 0) also the t context slots of every row the update
+    runs (once per context in the shared layout, once per thought in the rows layout).
+    ``kl_reference`` (--rlp-kl-beta > 0): a forward of the update's rows under the frozen reference,
+    logits at the thought slots, counted in "scoring".
     """
     prefill, decode, scoring, update, prediction = Work(), Work(), Work(), Work(), Work()
     if variant != "straightforward":
@@ -349,7 +451,11 @@ def _context_work(variant: str, c: float, branch_lens: Sequence[float], predicti
         if variant == "shared_prefix":
             update += Work(branch, _suffix(c, branch), branch)
         else:
-            update += Work(c + branch, _causal(c + branch), branch)
+            update += Work(c + branch, _causal(c + branch), branch + (c if ntp else 0))
+    if ntp and variant == "shared_prefix":
+        update += Work(0, 0, c)
+    if kl_reference:
+        scoring += Work(update.tokens, update.keys, sum(l + 1 for l in branch_lens))
     return {"sampling_prefill": prefill, "sampling_decode": decode, "prediction": prediction, "scoring": scoring,
             "update": update}
 
@@ -404,11 +510,19 @@ def rlp_iteration_cost(preset: ModelPreset, settings: RLPSettings, variant: str 
     """
     _check_variant(variant, recompute)
     s = settings
-    pairs = list(itertools.product(s.context_lens, s.thought_lens))
     mean = {k: Work() for k in _FORWARD_PHASES + ("update",)}
-    for c, l in pairs:
-        for k, w in _context_work(variant, c, [l] * s.num_thoughts, s.prediction_tokens).items():
-            mean[k] = mean[k] + w * (1.0 / len(pairs))
+    # Every per-branch term is linear in the branch's own work, so G branches of length l weighted
+    # by P(l) is the expectation over independent lengths.
+    for c in s.context_lens:
+        for l, p in zip(s.thought_lens, s.thought_probs):
+            for k, w in _context_work(variant, c, [l] * s.num_thoughts, s.ntp, s.kl_reference,
+                                      s.prediction_tokens).items():
+                mean[k] = mean[k] + w * (p / len(s.context_lens))
+    if variant != "straightforward" and s.positions_per_doc > 1:
+        # The sampler prefills a document once, up to the largest of its k positions.
+        longest = ThoughtLengths(s.context_lens, (1.0 / len(s.context_lens),) * len(s.context_lens))
+        longest = longest.max_of(s.positions_per_doc)
+        mean["sampling_prefill"] = Work(longest.mean, longest.expect(_causal), 0) * (1.0 / s.positions_per_doc)
     teacher = Work()
     rows = s.teacher_rows_per_doc if s.teacher_rows_per_doc is not None else s.positions_per_doc
     for c in s.context_lens:  # one forward per document over its window, logits at its k positions
@@ -423,7 +537,8 @@ def rlp_iteration_cost(preset: ModelPreset, settings: RLPSettings, variant: str 
 def rlp_batch_cost(preset: ModelPreset, context_lens: Sequence[int], thought_lens: Sequence[Sequence[int]],
                    variant: str = "rows", recompute: str = "none", teacher_windows: Sequence[int] = (),
                    positions_per_doc: int = 1, sampled: bool = True, teacher_rows: Optional[Sequence[int]] = None,
-                   prediction_tokens: int = 0) -> IterationCost:
+                   prediction_tokens: int = 0, prefill_lens: Optional[Sequence[int]] = None,
+                   ntp: bool = False, kl_reference: bool = False) -> IterationCost:
     """FLOPs of one iteration over an actual batch, real tokens only (no padding).
 
     ``context_lens[i]``: t of context i; ``thought_lens[i]``: the sampled lengths (before the close
@@ -432,18 +547,89 @@ def rlp_batch_cost(preset: ModelPreset, context_lens: Sequence[int], thought_len
     ``teacher_rows[i]`` (the entropy filter scores every candidate position).
     ``sampled=False`` for a reused sample batch (--rlp-updates-per-batch > 1): no sampling cost.
     ``prediction_tokens``: N of the prefix-match reward's prediction pass (0: none).
+    ``prefill_lens``: tokens of each document's sampler prefill, its largest position (the sampler
+    prefills a document once for all its k positions); default each context's own t.  Not used
+    by "straightforward", which prefills every thought.  ``ntp``, ``kl_reference``: see
+    :func:`_context_work`.
     """
     _check_variant(variant, recompute)
     if len(context_lens) != len(thought_lens):
         raise ValueError(f"{len(context_lens)} context lengths but {len(thought_lens)} lists of thought lengths")
     work = {k: Work() for k in _FORWARD_PHASES + ("update",)}
     for c, branch_lens in zip(context_lens, thought_lens):
-        for k, w in _context_work(variant, c, branch_lens, prediction_tokens).items():
+        for k, w in _context_work(variant, c, branch_lens, ntp, kl_reference, prediction_tokens).items():
             work[k] = work[k] + w
+    if prefill_lens is not None and variant != "straightforward":
+        work["sampling_prefill"] = sum((Work(p, _causal(p), 0) for p in prefill_lens), Work())
     rows = teacher_rows if teacher_rows is not None else [positions_per_doc] * len(teacher_windows)
     forward = {"teacher": sum((Work(w, _causal(w), r) for w, r in zip(teacher_windows, rows)), Work())}
     forward.update({k: work[k] * (1.0 if sampled else 0.0) for k in _FORWARD_PHASES})
     return _assemble(preset, forward, work["update"], recompute)
+
+
+def padded_update_cost(preset: ModelPreset, settings: RLPSettings, variant: str, contexts_per_group: int,
+                       recompute: str = "none") -> PhaseCost:
+    """The update phase as executed with padding: expected FLOPs per iteration (whole job) when
+    the rows of every group of ``contexts_per_group`` contexts are padded to the group's widest —
+    a micro-batch's contexts (today's layouts) or a rank's whole step (the path before issue 12).
+    Context and thought lengths are independent draws from ``settings``' distributions (integers).
+
+    * rows / straightforward: each thought's row (t + L + 2 inputs) padded to the widest of the
+      group's rows; a padded slot runs through every layer and the causal attention like a real
+      one (megatron's kernels do not skip it);
+    * shared_prefix: each packed row (t + Σ(L_i + 2)) padded to the group's widest (padded slots
+      run through the dense layers; the shared attention skips them), and inside the attention
+      every branch padded to the group's longest (the [G, longest] query blocks of
+      megatron_rlp.models.shared_prefix).
+
+    Attention is counted causally in both (the keys a query may see).  The output layer runs on
+    real slots only (rlp_loss_func skips IGNORE targets), so logit rows are not padded.
+    ``hardware_flops`` adds recompute as :func:`rlp_iteration_cost` does.
+    """
+    import numpy as np
+
+    _check_variant(variant, recompute)
+    if contexts_per_group < 1:
+        raise ValueError(f"contexts_per_group must be >= 1; got {contexts_per_group}")
+    s, g = settings, settings.num_thoughts
+
+    def pmf(values, probs):
+        if any(float(v) != int(v) or v < 0 for v in values):
+            raise ValueError(f"the padded update needs whole, non-negative lengths; got {values}")
+        out = np.zeros(int(max(values)) + 1)
+        for v, p in zip(values, probs):
+            out[int(v)] += p
+        return out
+
+    def largest(p, n):  # pmf of the largest of n independent draws
+        cdf = np.minimum(np.cumsum(p), 1.0) ** n
+        return np.diff(cdf, prepend=0.0)
+
+    def expect(p, f):
+        return float(np.sum(p * f(np.arange(len(p), dtype=np.float64))))
+
+    def shifted(p, k):  # the pmf of X + k
+        return np.concatenate([np.zeros(k), p])
+
+    causal = lambda x: x * (x + 1) / 2  # noqa: E731
+    context = pmf(s.context_lens, (1.0 / len(s.context_lens),) * len(s.context_lens))
+    thought = pmf(s.thought_lens, s.thought_probs)
+    mean_c, mean_l = expect(context, lambda x: x), expect(thought, lambda x: x)
+    logits = g * (mean_l + 2) + ((mean_c if variant == "shared_prefix" else g * mean_c) if s.ntp else 0.0)
+    if variant == "shared_prefix":
+        branch = shifted(thought, 2)
+        size = g * (len(branch) - 1) + 1
+        branches = np.fft.irfft(np.fft.rfft(branch, size) ** g, size)  # Σ of G branch lengths
+        branches = np.clip(branches, 0.0, None)
+        row = np.convolve(context, branches / branches.sum())
+        width = largest(row, contexts_per_group)
+        longest = shifted(largest(thought, contexts_per_group * g), 2)
+        tokens = expect(width, lambda x: x)
+        keys = expect(context, causal) + g * (expect(longest, lambda x: x) * mean_c + expect(longest, causal))
+    else:
+        width = largest(shifted(np.convolve(context, thought), 2), contexts_per_group * g)
+        tokens, keys = g * expect(width, lambda x: x), g * expect(width, causal)
+    return _train_phase(preset, Work(tokens, keys, logits) * s.contexts, recompute)
 
 
 def _check_variant(variant: str, recompute: str) -> None:

@@ -259,6 +259,7 @@ def plan(run, world_size: int, gpu_memory_gb: float = 80.0) -> DryRunReport:
         window_len=longest_context(t.seq_length, rlp.rlp_thought_len),
         baseline_interval=rlp.rlp_baseline_interval,
         updates_per_batch=rlp.rlp_updates_per_batch,
+        ntp=rlp.rlp_ntp_weight > 0, kl_reference=rlp.rlp_kl_beta > 0,
     )
     layout = cm.Layout(
         tp=tp, pp=pp, dp=dp,

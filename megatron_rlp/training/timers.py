@@ -15,7 +15,8 @@ synchronizing is a no-op and the timers measure plain wall time.
 
 Timer names are Megatron-style (``forward-backward``, ``optimizer``) plus the objective's phases
 (RLP: ``rlp-teacher``, ``rlp-sampling`` with ``rlp-sampling-prefill`` / ``rlp-sampling-decode``
-measured inside the sampler, ``rlp-ema``).  Reported milliseconds are the maximum over ranks (the
+measured inside the sampler, ``rlp-ema``; ``rlp-scoring`` for the straightforward
+baseline of tools/bench_rlp.py).  Reported milliseconds are the maximum over ranks (the
 slowest rank sets the iteration's pace), as with Megatron-LM's ``--timing-log-option max``.
 """
 

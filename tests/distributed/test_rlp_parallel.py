@@ -87,7 +87,8 @@ def test_log_line_flops_sum_the_data_parallel_ranks(corpus):
     context_lens = [t for pos in positions for t in pos]
     thought_lens = [[len(c) for c in mega["source"].thoughts[i]] for i in range(len(context_lens))]
     mine = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, "rows",
-                             teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2)
+                             teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2,
+                             prefill_lens=[max(pos) for pos in positions])
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, mine.model_flops - mine.phases["optimizer"].model_flops
                            - mine.phases["ema"].model_flops)

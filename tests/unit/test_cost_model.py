@@ -321,7 +321,8 @@ def test_bench_rlp_analytic_prints_a_json_line_per_setting(capsys):
     from tools import bench_rlp
 
     rc = bench_rlp.main(["--analytic", "--presets", "tiny", "tiny-hybrid", "--context-len", "256",
-                         "--num-thoughts", "8", "--contexts", "8", "--thought-lens", "16", "32"])
+                         "--num-thoughts", "8", "--contexts", "8", "--thought-lens", "16", "32",
+                         "--thought-cap", "64", "--data-parallel-size", "1"])
     assert rc == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [(r["preset"], r["mean_thought_len"]) for r in records] == [
@@ -331,9 +332,82 @@ def test_bench_rlp_analytic_prints_a_json_line_per_setting(capsys):
         assert r["flops_ratio"] == pytest.approx(totals["shared_prefix"] / totals["rows"])
         assert r["flops_ratio_straightforward"] == pytest.approx(totals["shared_prefix"] / totals["straightforward"])
         assert 0 < r["flops_ratio_straightforward"] < r["flops_ratio"] < 1
-    # The running mode is not built: it says so instead of printing numbers.
-    assert bench_rlp.main([]) == 2
-    assert "not built yet" in capsys.readouterr().err
+        # Uneven thoughts (capped geometric): the previous path's step padding (a rank's 8
+        # contexts) costs the rows layout more than padding each micro-batch (1 context).
+        assert r["step_contexts_per_rank"] == 8 and r["microbatch_contexts"] == 1
+        assert r["flops_ratio_vs_previous_path"] < r["flops_ratio_vs_rows_padded"] < 1
+        ex = r["update_executed"]
+        assert ex["rows_step_padded"]["flops"] > ex["rows"]["flops"] > r["phases"]["rows"]["update"]
+    # Every thought at the same length: nothing to pad, the three ratios agree.
+    bench_rlp.main(["--analytic", "--presets", "tiny", "--context-len", "256", "--num-thoughts", "8",
+                    "--contexts", "8", "--thought-lens", "16", "--thought-dist", "fixed", "--data-parallel-size", "1"])
+    (fixed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert fixed["flops_ratio_vs_previous_path"] == pytest.approx(fixed["flops_ratio"], rel=1e-9)
+    assert fixed["flops_ratio_vs_rows_padded"] == pytest.approx(fixed["flops_ratio"], rel=1e-9)
+
+
+def test_sampler_prefill_is_counted_once_per_document():
+    # Two contexts (t = 3 and 2) of one document: the sampler prefills x_<3 once.
+    one_doc = cm.rlp_batch_cost(MINI, [3, 2], [[2, 2], [2, 2]], "rows", prefill_lens=[3])
+    assert one_doc.phases["sampling_prefill"].model_flops == _fwd(3, 6, 0)
+    two_docs = cm.rlp_batch_cost(MINI, [3, 2], [[2, 2], [2, 2]], "rows")
+    assert two_docs.phases["sampling_prefill"].model_flops == _fwd(3, 6, 0) + _fwd(2, 3, 0)
+    straight = cm.rlp_batch_cost(MINI, [3, 2], [[2, 2], [2, 2]], "straightforward", prefill_lens=[3])
+    assert straight.phases["sampling_prefill"].model_flops == 2 * _fwd(4, 10, 1) + 2 * _fwd(3, 6, 1)
+    # Settings: k = 2 positions per document, t = 2 or 3 equally likely: the prefill runs to the
+    # larger, 3 with probability 3/4 -> 2.75 tokens and 0.25 * 3 + 0.75 * 6 = 5.25 keys per document.
+    s = RLPSettings(contexts=2, context_len=[2, 3], num_thoughts=2, thought_len=2, positions_per_doc=2)
+    assert cm.rlp_iteration_cost(MINI, s, "shared_prefix").phases["sampling_prefill"].model_flops == pytest.approx(
+        _fwd(2.75, 5.25, 0))
+
+
+def test_ntp_and_kl_reference_logit_rows_by_hand():
+    # --rlp-ntp-weight > 0: logits at the 3 context slots of every row the update runs.
+    ntp = dataclasses.replace(HAND, ntp=True)
+    assert cm.rlp_iteration_cost(MINI, ntp, "rows").phases["update"].model_flops == 3 * _fwd(14, 56, 8 + 2 * 3)
+    assert cm.rlp_iteration_cost(MINI, ntp, "shared_prefix").phases["update"].model_flops == 3 * _fwd(11, 50, 8 + 3)
+    # --rlp-kl-beta > 0: a reference forward of the update's rows, logits at the 3 thought slots
+    # (2 tokens + close) of each branch, in "scoring".
+    kl = dataclasses.replace(HAND, kl_reference=True)
+    assert cm.rlp_iteration_cost(MINI, kl, "rows").phases["scoring"].model_flops == _fwd(14, 56, 6)
+    assert cm.rlp_iteration_cost(MINI, kl, "shared_prefix").phases["scoring"].model_flops == _fwd(11, 50, 6)
+
+
+def test_capped_geometric_thought_lengths_by_hand():
+    # cap 2, mean 1: q (1 + q) = 1 -> q = (sqrt 5 - 1) / 2; P(0) = p, P(1) = q p, P(2) = q^2 (forced).
+    q = (5 ** 0.5 - 1) / 2
+    d = cm.ThoughtLengths.capped_geometric(1.0, 2)
+    assert d.values == (0, 1, 2)
+    assert d.probs == pytest.approx((1 - q, q * (1 - q), q * q), abs=1e-9)
+    assert d.mean == pytest.approx(1.0)
+    # The larger of two: P(max <= u) = F(u)^2.
+    m = d.max_of(2)
+    assert m.probs == pytest.approx(((1 - q) ** 2, q ** 2 - (1 - q) ** 2, 1 - q ** 2), abs=1e-9)
+    assert cm.ThoughtLengths.capped_geometric(2048, 2048).probs == (1.0,)
+    with pytest.raises(ValueError, match="mean"):
+        cm.ThoughtLengths.capped_geometric(3, 2)
+
+
+def test_padded_update_by_hand():
+    # C = 3, G = 2, thoughts of 1 or 3 tokens (equally likely), one context per micro-batch.
+    s = RLPSettings(contexts=1, context_len=3, num_thoughts=2, thought_len=cm.ThoughtLengths((1, 3), (0.5, 0.5)))
+    # rows: both rows padded to 3 + max(l1, l2) + 2: 6 with probability 1/4, 8 with 3/4 ->
+    # 2 x 7.5 tokens, 2 x (0.25 * 21 + 0.75 * 36) keys; logits at real slots only, 2 x (2 + 2).
+    rows = cm.padded_update_cost(MINI, s, "rows", contexts_per_group=1)
+    assert rows.model_flops == pytest.approx(3 * _fwd(15, 64.5, 8))
+    assert rows.tokens == pytest.approx(15)
+    # shared: one packed row, no tail padding (11 tokens on average); context keys 6, each branch
+    # padded to max(l1, l2) + 2 (3 or 5) in the attention: 2 x (4.5 * 3 + 0.25 * 6 + 0.75 * 15).
+    shared = cm.padded_update_cost(MINI, s, "shared_prefix", contexts_per_group=1)
+    assert shared.model_flops == pytest.approx(3 * _fwd(11, 6 + 2 * (13.5 + 12.75), 8))
+    # Two contexts per group (rows: the largest of 4 thoughts is 1 with probability 1/16).
+    two = dataclasses.replace(s, contexts=2)
+    assert cm.padded_update_cost(MINI, two, "rows", 2).tokens == pytest.approx(2 * 2 * (6 / 16 + 8 * 15 / 16))
+    # Every thought of one length: nothing is padded, the executed update is the model's.
+    fixed = dataclasses.replace(s, thought_len=2)
+    for variant in cm.VARIANTS:
+        assert cm.padded_update_cost(MINI, fixed, variant, 1).model_flops == pytest.approx(
+            cm.rlp_iteration_cost(MINI, fixed, variant).phases["update"].model_flops)
 
 
 def test_fp32_activations_and_caches_take_twice_the_bytes():

@@ -100,8 +100,10 @@ def test_log_line_flops_are_the_cost_model_of_the_real_batch(corpus, capsys):
     context_lens = [t for pos in positions for t in pos]
     thought_lens = [[len(c) for c in source.thoughts[i]] for i in range(len(context_lens))]
     assert len({n for row in thought_lens for n in row}) > 1  # uneven thoughts
+    # The sampler prefills each document once, up to its larger position.
     expected = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, "rows",
-                                 teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2)
+                                 teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2,
+                                 prefill_lens=[max(pos) for pos in positions])
     assert all(expected.phases[k].model_flops > 0 for k in ("teacher", "sampling_prefill", "sampling_decode", "update"))
     assert record["model_flops"] == pytest.approx(expected.model_flops, rel=1e-12)
     assert record["tflops_per_gpu"] == pytest.approx(
@@ -132,7 +134,8 @@ def test_reused_sample_batch_counts_no_teacher_or_sampling(corpus):
     context_lens = [t for pos in positions for t in pos]
     thought_lens = [[len(c) for c in mega["source"].thoughts[i]] for i in range(len(context_lens))]
     sampled = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, "rows",
-                                teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2)
+                                teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2,
+                                prefill_lens=[max(pos) for pos in positions])
     reused = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, "rows", sampled=False)
     assert first["model_flops"] == pytest.approx(sampled.model_flops, rel=1e-12)
     assert second["model_flops"] == pytest.approx(reused.model_flops, rel=1e-12)
