@@ -2,7 +2,7 @@
 
 Per decode step every branch row attends to two key sets, and the two partial attentions are
 merged exactly through their log-sum-exps (Hydragen / FlashInfer cascade attention; the math of
-``models.shared_prefix.merge_attention``, written as one ``lerp`` with the weight
+``merge_attention``, written as one ``lerp`` with the weight
 sigmoid(lse_ctx - lse_own) = e^lse_ctx / (e^lse_ctx + e^lse_own)):
 
 * its context x_<t: the context's cache [C, T, groups, dim] is read once for all the branch rows
@@ -60,8 +60,33 @@ import torch
 
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_rlp.models.shared_prefix import _attend, merge_attention
 from megatron_rlp.sampling.pipeline import StageInfo, StepInput, vocab_shard_logits
+
+
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+            key_mask: torch.Tensor | None = None):
+    """Softmax attention in fp32 over [..., Lq, h, d] queries and [..., Lk, h, d] keys/values
+    (leading dims broadcast); ``key_mask`` [..., Lk] marks the keys that exist.  Returns the output
+    [..., Lq, h, d] and the log-sum-exp [..., h, Lq]."""
+    scores = torch.einsum("...qhd,...khd->...hqk", q.float(), k.float()) * scale
+    if causal:
+        lq, lk = scores.shape[-2], scores.shape[-1]
+        future = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[..., None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.einsum("...hqk,...khd->...qhd", probs, v.float()), lse
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Softmax attention over keys A ∪ B from the attentions over A and over B (outputs
+    [..., L, h, d], log-sum-exps [..., h, L])."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse).transpose(-1, -2).unsqueeze(-1)  # [..., L, h, 1]
+    w_b = torch.exp(lse_b - lse).transpose(-1, -2).unsqueeze(-1)
+    return w_a * out_a + w_b * out_b
 
 
 @dataclass(eq=False)
@@ -132,7 +157,7 @@ def partial_attention(q, k, v, lengths, scale):
         key_mask = lengths
     else:
         key_mask = torch.arange(k.shape[1], device=k.device)[None, :] < lengths[:, None]
-    out, lse = _attend(qf, k, v, scale, causal=False, key_mask=key_mask)
+    out, lse = attend_with_lse(qf, k, v, scale, causal=False, key_mask=key_mask)
     out = out.reshape(b, nq, rep, hk, d).transpose(2, 3).reshape(b, nq, hq, d)
     lse = lse.reshape(b, hk, nq, rep).transpose(1, 2).reshape(b, nq, hq).transpose(1, 2)
     return out, lse
@@ -174,12 +199,12 @@ class CascadeThoughtJob:
                  context_ids: list[int], context_lengths: list[int], max_thought_len: int,
                  open_id: int, close_id: int, eod_id: Optional[int], temperature: float,
                  seed: int, device: torch.device, vocab_size: Optional[int] = None,
-                 cuda_graphs: Optional[bool] = None):
+                 cuda_graphs: Optional[bool] = None, stop_sequences=()):
         from megatron_rlp.sampling.thoughts import ThoughtRecorder
 
         self.recorder = ThoughtRecorder(
             model, stage, rows, max_thought_len, close_id, eod_id, temperature, seed, device,
-            vocab_size=vocab_size,
+            vocab_size=vocab_size, stop_sequences=stop_sequences,
         )
         self.model, self.stage, self.device = model, stage, device
         self.config = model.config

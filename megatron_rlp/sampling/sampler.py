@@ -352,7 +352,7 @@ def merge_phases(phases):
 
 
 def _decode_builders(model, stage, chosen, contexts, num_thoughts, micro_batch_size, mbs, masks_ok,
-                     state_kinds, prefill_of, common, vocab_size, cuda_graphs, device) -> list:
+                     state_kinds, prefill_of, common, recorder_options, cuda_graphs, device) -> list:
     """One callable per decode micro-batch that builds its job (caches copied from the prefill)
     when its wave starts."""
     builders = []
@@ -369,7 +369,7 @@ def _decode_builders(model, stage, chosen, contexts, num_thoughts, micro_batch_s
             max_len = TreeThoughtJob.cache_length(align, num_thoughts, common[0])
             ctx = _branch_context(model, state_kinds, plan, None, prefill_of, align, max_len, device)
             job = TreeThoughtJob(model, stage, plan, lengths, ctx, align, num_thoughts, *common,
-                                 vocab_size=vocab_size)
+                                 **recorder_options)
             job.cache_bytes = inference_cache_bytes(ctx)
             return job
 
@@ -386,7 +386,7 @@ def _decode_builders(model, stage, chosen, contexts, num_thoughts, micro_batch_s
         ctx = _branch_context(model, state_kinds, roots, branch_root, prefill_of, align,
                               align + common[0], device)
         job = ThoughtJob(model, stage, torch.tensor(plan), lengths, ctx, align, *common,
-                         vocab_size=vocab_size)
+                         **recorder_options)
         job.cache_bytes = inference_cache_bytes(ctx)
         return job
 
@@ -395,7 +395,7 @@ def _decode_builders(model, stage, chosen, contexts, num_thoughts, micro_batch_s
         where = {n: i for i, n in enumerate(roots)}
         job = CascadeThoughtJob(
             model, stage, torch.tensor(plan), [where[r // num_thoughts] for r in plan], roots,
-            [contexts[n][1] for n in roots], *common, vocab_size=vocab_size, cuda_graphs=cuda_graphs,
+            [contexts[n][1] for n in roots], *common, cuda_graphs=cuda_graphs, **recorder_options,
         )
         job.build(prefill_of, state_kinds)
         return job
@@ -425,6 +425,7 @@ def sample_thoughts(
     layout: str = "auto",
     vocab_size: Optional[int] = None,
     cuda_graphs: Optional[bool] = None,
+    stop_sequences: Sequence[Sequence[int]] = (),
 ) -> ThoughtBatch:
     """Sample ``num_thoughts`` (G) thoughts at every position of every document.
 
@@ -449,6 +450,8 @@ def sample_thoughts(
     (default: when the model is on a GPU).
     ``vocab_size``: the tokenizer's vocabulary; ids past it (the padding of the model's
     embedding) are never sampled.  Default: the model's whole vocabulary.
+    ``stop_sequences``: token sequences that also end a row once its last sampled tokens equal
+    one (stop reason STOP_SEQUENCE; generation's stop strings, e.g. tools/eval_benchmark.py).
     Returns the same :class:`ThoughtBatch` on every rank of the
     model-parallel group; ``.stats`` holds timings, token counts and the pipeline bubble.
     """
@@ -464,6 +467,11 @@ def sample_thoughts(
         {"open_id": open_id, "close_id": close_id, "eod_id": eod_id},
         vocab_size,
     )
+    for seq in stop_sequences:
+        if not len(seq) or any(not isinstance(i, int) or i < 0 or (vocab_size is not None and i >= vocab_size)
+                               for i in seq):
+            raise ValueError(f"stop sequence {list(seq)!r} must be a non-empty list of token ids of the "
+                             f"{vocab_size}-token vocabulary")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
     if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size < 1):
@@ -503,7 +511,8 @@ def sample_thoughts(
             common = (max_thought_len, open_id, close_id, eod_id, float(temperature), int(seed), device)
             builders = _decode_builders(
                 model, stage, chosen, contexts, num_thoughts, micro_batch_size, mbs, masks_ok,
-                state_kinds, prefill_of, common, vocab_size, cuda_graphs, device,
+                state_kinds, prefill_of, common,
+                dict(vocab_size=vocab_size, stop_sequences=stop_sequences), cuda_graphs, device,
             )
             memory = CacheAccounting()
             memory.allocate(sum(prefill_cache_bytes(job) for job in prefill_jobs))

@@ -19,6 +19,7 @@ from megatron_rlp.sampling.vocab_parallel import sample_vocab_parallel
 STOP_CLOSE = 0  # the close marker was sampled (it is the last thought token and gets gradient)
 STOP_EOD = 1  # end-of-document was sampled (last thought token); the close is appended by force
 STOP_LENGTH = 2  # the length cap was reached; the close is appended by force
+STOP_SEQUENCE = 3  # the row's last tokens are one of the request's stop sequences (generation)
 PAD_ID = -1  # padding of ThoughtBatch.tokens beyond a thought's length
 
 
@@ -244,8 +245,12 @@ class ThoughtRecorder:
 
     def __init__(self, model, stage: StageInfo, rows: torch.Tensor, max_thought_len: int,
                  close_id: int, eod_id: Optional[int], temperature: float, seed: int,
-                 device: torch.device, vocab_size: Optional[int] = None):
+                 device: torch.device, vocab_size: Optional[int] = None,
+                 stop_sequences: Sequence[Sequence[int]] = ()):
         self.model, self.stage = model, stage
+        # Token sequences that end a row once sampled (generation's stop strings); matched on the
+        # device against the row's last tokens: static shapes, no host sync.
+        self.stop_sequences = [torch.tensor(list(q), dtype=torch.int64, device=device) for q in stop_sequences if len(q)]
         self.rows = rows.to(device)
         self.close_id, self.eod_id = close_id, eod_id
         self.temperature, self.seed = temperature, seed
@@ -293,6 +298,12 @@ class ThoughtRecorder:
         else:
             ended &= torch.zeros_like(ended)
         stop = torch.where(closed, STOP_CLOSE, torch.where(ended, STOP_EOD, self.stop[at]))
+        for seq in self.stop_sequences:
+            m = seq.numel()
+            if step + 1 >= m:
+                hit = running & ~closed & ~ended & (self.tokens[at, step + 1 - m: step + 1] == seq).all(dim=-1)
+                stop = torch.where(hit, STOP_SEQUENCE, stop)
+                ended = ended | hit
         done = done | closed | ended
         if step == self.num_steps - 1:
             stop = torch.where(done, stop, STOP_LENGTH)
@@ -336,10 +347,11 @@ class ThoughtJob:
         device: torch.device,
         prefix: Optional[torch.Tensor] = None,
         vocab_size: Optional[int] = None,
+        stop_sequences: Sequence[Sequence[int]] = (),
     ):
         self.recorder = ThoughtRecorder(
             model, stage, rows, max_thought_len, close_id, eod_id, temperature, seed, device,
-            vocab_size=vocab_size,
+            vocab_size=vocab_size, stop_sequences=stop_sequences,
         )
         self.batch_size = self.feedback_size = rows.numel()
         self.context = context
@@ -427,12 +439,13 @@ class TreeThoughtJob:
         seed: int,
         device: torch.device,
         vocab_size: Optional[int] = None,
+        stop_sequences: Sequence[Sequence[int]] = (),
     ):
         g = num_thoughts
         rows = torch.tensor([n * g + j for n in contexts for j in range(g)], dtype=torch.int64)
         self.recorder = ThoughtRecorder(
             model, stage, rows, max_thought_len, close_id, eod_id, temperature, seed, device,
-            vocab_size=vocab_size,
+            vocab_size=vocab_size, stop_sequences=stop_sequences,
         )
         self.num_thoughts = g
         self.batch_size = len(contexts)
