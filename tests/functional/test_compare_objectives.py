@@ -12,7 +12,7 @@ from megatron_rlp.training.checkpoint import available_iterations, consumed_mode
 from tools import compare_objectives
 from training_fixtures import NULL_VOCAB, tiny_run_args, write_corpus
 
-OBJECTIVES = "cpt,rlp"
+OBJECTIVES = "cpt,rlp,rpt"
 RLP_FLAGS = dict(rlp_num_thoughts=2, rlp_thought_len=3, rlp_min_context=2, rlp_positions_per_doc=1,
                  rlp_think_open=NULL_VOCAB - 2, rlp_think_close=NULL_VOCAB - 1)
 
