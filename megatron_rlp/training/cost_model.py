@@ -781,10 +781,11 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
       the others keep everything;
       ``"selective"``: the softmax output is not kept (no difference with fused attention).
     * ``sampler_cache``: the sampler's peak: the prefill caches (each document up to its largest
-      position, Mamba states and a state snapshot per context) plus the decode caches of every
-      micro-batch this data-parallel rank samples — today's sampler allocates all of them (one
-      cache row of aligned context + thought cap per branch, the "rows" layout; the "tree" layout
-      for GPT models is smaller) before it decodes and frees the prefill caches.
+      position, Mamba states and a state snapshot per context), held until decoding ends, plus
+      the decode caches of one wave of PP decode micro-batches of --rlp-sampler-micro-batch-size
+      rows (the sampler builds and frees them wave by wave) in the "cascade" layout a Transformer
+      Engine run decodes with: each context's K/V once (copied from the prefill), each branch
+      its own thought cache (thought cap + 1 slots) and Mamba state.
       ``sampler_microbatch`` is the share of one decode micro-batch.
 
     ``parameters``: the parameter count of one GPU of each stage when it is known from a built
@@ -820,7 +821,7 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
     docs_here = math.ceil(contexts_here / s.positions_per_doc)
     rows_total = contexts_here * g
     sampler_mbs = L.sampler_micro_batch_size or (rows_total if L.pp == 1 else math.ceil(rows_total / L.pp))
-    decode_len = c_max + l_max  # the sampler's rows layout: aligned context + thought cap
+    wave_rows = min(rows_total, L.pp * sampler_mbs)  # decode caches held at once
     d = _dims(preset)
     kv_per_token = 2 * (preset.num_query_groups // L.tp) * preset.kv_channels * wbytes
     mamba_per_row = ((d["conv"] // L.tp) * MAMBA_D_CONV + (d["nh"] // L.tp) * preset.mamba_head_dim * d["n"]) * wbytes
@@ -844,11 +845,13 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
             act_mb = mb_tokens * sum(per_token)
         in_flight = min(num_microbatches, L.pp - i)
         attn, mamba = _attention_layers(kinds), kinds.count("M")
-        decode_row = attn * kv_per_token * decode_len + mamba * mamba_per_row
+        # Cascade layout: per branch its own thought cache and Mamba state, per context its K/V.
+        decode_row = attn * kv_per_token * (l_max + 1) + mamba * mamba_per_row
+        per_context = attn * kv_per_token * c_max
         # Prefill: every document's cache up to its position, live Mamba states and one state
         # snapshot per context; freed only after every decode micro-batch has been forked.
         prefill = docs_here * (attn * kv_per_token * c_max + mamba * mamba_per_row) + contexts_here * mamba * mamba_per_row
-        cache = prefill + rows_total * decode_row
+        cache = prefill + wave_rows * decode_row + math.ceil(wave_rows / g) * per_context
         terms = {
             "weights": n * wbytes,
             "main_grads": n * GRAD_BYTES,
@@ -857,5 +860,5 @@ def stage_memory(preset: ModelPreset, layout: Layout, settings: RLPSettings,
             "activations": int(act_mb * in_flight),
             "sampler_cache": int(cache),
         }
-        out.append(StageMemory(i, kinds, n, terms, sampler_microbatch=int(sampler_mbs * decode_row)))
+        out.append(StageMemory(i, kinds, n, terms, sampler_microbatch=int(sampler_mbs * decode_row + math.ceil(sampler_mbs / g) * per_context)))
     return out

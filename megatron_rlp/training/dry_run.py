@@ -334,9 +334,9 @@ _HINTS = {
     "activations": "The update keeps every row of a micro-batch (one document = G rows of --seq-length "
                    "tokens): use --recompute-granularity full --recompute-method uniform "
                    "--recompute-num-layers 1, --sequence-parallel with TP > 1, or more TP/PP.",
-    "sampler_cache": "The sampler holds the KV cache and Mamba states of all G thoughts of every "
-                     "document of its data-parallel rank at once (--rlp-sampler-micro-batch-size sets "
-                     "the decode micro-batch, not this): spread the batch over more GPUs (more nodes) or "
+    "sampler_cache": "The sampler holds every document's prefill cache and the decode caches of PP "
+                     "micro-batches of --rlp-sampler-micro-batch-size rows at once: lower "
+                     "--rlp-sampler-micro-batch-size, or spread the batch over more GPUs (more nodes), or "
                      "lower --global-batch-size or --seq-length.",
     "optimizer_states": "Use --use-distributed-optimizer, or more TP/PP.",
     "main_grads": "Use more TP/PP (the fp32 gradient buffer is per model-parallel shard).",

@@ -249,10 +249,15 @@ def test_memory_activations_and_caches_respond_to_the_layout():
     assert cache(dp=2) == pytest.approx(cache() / 2, rel=0.01)
     assert cache(tp=2) == pytest.approx(cache() / 2, rel=0.01)
     # Qwen3-1.7B: 28 layers x (K and V) x 8 groups x 128 x bf16 per cached token; prefill of 64
-    # documents of 2048 tokens, then 1024 decode rows of 2048 + 1024 slots.
+    # documents of 2048 tokens, then (cascade, all 1024 rows in one micro-batch at PP=1) each of
+    # the 64 contexts' K/V once and 1024 branch caches of 1024 + 1 slots.
     per_token = 28 * 2 * 8 * 128 * 2
-    assert cache() == (64 * 2048 + 1024 * (2048 + 1024)) * per_token
-    assert mem(sampler_micro_batch_size=256)[0].sampler_microbatch == 256 * (2048 + 1024) * per_token
+    assert cache() == (64 * 2048 + 64 * 2048 + 1024 * (1024 + 1)) * per_token
+    # --rlp-sampler-micro-batch-size bounds the decode caches: 256 rows = 16 contexts at once.
+    assert mem(sampler_micro_batch_size=256)[0].sampler_microbatch == (16 * 2048 + 256 * 1025) * per_token
+    assert cache(sampler_micro_batch_size=256) == (64 * 2048 + 16 * 2048 + 256 * 1025) * per_token
+    # PP stages decode PP micro-batches at once (each stage holding half the layers).
+    assert cache(sampler_micro_batch_size=256, pp=2, dp=1) == pytest.approx(cache(sampler_micro_batch_size=512, dp=1) / 2)
     m = mem()[0]
     assert m.largest_term == "sampler_cache" and m.peak == m.static + m.terms["sampler_cache"]
 
@@ -264,7 +269,7 @@ def test_memory_hybrid_mamba_states_in_sampler_cache():
     kv_token = 6 * 2 * 1 * 128 * 2                          # 6 attention layers, 1 group per rank
     mamba = 28 * ((12288 // 8) * 4 + 16 * 80 * 128) * 2     # conv + SSM state of all Mamba layers
     prefill = 8 * (2048 * kv_token + mamba) + 8 * mamba      # 8 documents; a snapshot per context
-    decode = 8 * 16 * ((2048 + 1024) * kv_token + mamba)     # one row per branch
+    decode = 8 * 16 * ((1024 + 1) * kv_token + mamba) + 8 * 2048 * kv_token  # branches; contexts once
     assert m.terms["sampler_cache"] == prefill + decode
 
 

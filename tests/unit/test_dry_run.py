@@ -116,11 +116,14 @@ def test_layout_that_does_not_fit_is_refused_naming_rank_and_term(no_process_gro
 
 
 def test_sampler_cache_is_named_when_it_is_the_culprit(no_process_group, capsys):
-    # qwen3-1.7b on 8 GPUs with 64 documents: 8 documents x 16 thoughts of KV cache per GPU.
+    # qwen3-1.7b on 8 GPUs with 256 documents: 32 documents x 16 thoughts decoded at once per GPU
+    # (the default sampler micro-batch is every row); 64 rows per micro-batch fit.
     fixed = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
-    assert main(_flags("qwen3-1.7b", 1, 1, 64, *fixed) + ["--dry-run", "--world-size", "8"]) == 3
+    assert main(_flags("qwen3-1.7b", 1, 1, 256, *fixed) + ["--dry-run", "--world-size", "8"]) == 3
     err = capsys.readouterr().err
-    assert "largest term: sampler KV cache + Mamba states" in err and "more GPUs" in err
+    assert "largest term: sampler KV cache + Mamba states" in err and "--rlp-sampler-micro-batch-size" in err
+    assert main(_flags("qwen3-1.7b", 1, 1, 256, *fixed, "--rlp-sampler-micro-batch-size", "64")
+                + ["--dry-run", "--world-size", "8"]) == 0
 
 
 @pytest.mark.parametrize("flags,world,message", [
