@@ -515,7 +515,7 @@ def train(state: TrainState, objective, on_iteration: Optional[Callable[[int, di
             load_optimizer=not ck.no_load_optim, load_rng=not ck.no_load_rng,
             finetune=start_kind == "weights", step=ck.ckpt_step if start_dir == ck.load else None,
         )
-        if start_kind == "resume":
+        if start_kind == "resume" and state.iteration > 0:  # (a foreign checkpoint loads as iteration 0)
             state.consumed_model_flops = ckpt.consumed_model_flops(start_dir, state.iteration)
     elif ck.load and dist.get_rank() == 0:
         print(f"note: --load {ck.load} holds no checkpoint of this run yet; starting at iteration 0 "

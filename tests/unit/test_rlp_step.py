@@ -266,7 +266,8 @@ def test_sampled_predictions_are_the_policys(corpus, layout):
     thought_lens = [[len(c) for c in source.thoughts[i]] for i in range(len(context_lens))]
     variant = "shared_prefix" if layout == "shared" else "rows"
     expected = cm.rlp_batch_cost(mega["preset"], context_lens, thought_lens, variant,
-                                 teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2, prediction_tokens=2)
+                                 teacher_windows=[len(d) - 1 for d in docs], positions_per_doc=2, prediction_tokens=2,
+                                 prefill_lens=[max(pos) for pos in positions])
     assert expected.phases["prediction"].model_flops > 0
     assert mega["history"]["model_flops"] == pytest.approx(expected.model_flops, rel=1e-12)
 
